@@ -1,0 +1,192 @@
+"""LSH self-attention (Reformer, Kitaev et al. 2020, section 2).
+
+Queries and keys share one projection; keys are the unit-normalised queries. Each hashing round draws a random
+rotation R and puts vector x in bucket argmax([xR; -xR]). The sequence is sorted by (bucket, position) and cut
+into chunks of `chunk_length`; each chunk attends to itself and the chunk before it, and a query attends only to
+keys of its own bucket. A token attends to itself only when nothing else is allowed. Rounds are combined by their
+log-sum-exp weights.
+
+Causal attention here is exactly causal: besides masking later positions, a query attends to at most the
+`chunk_length` nearest earlier keys of its bucket (always inside its window). Which keys those are depends only on
+earlier tokens, so changing a later token can never change an earlier output (with plain chunk boundaries it can:
+a later token moves the boundaries of the sorted order). Padding tokens hash to an extra bucket of their own, so
+they never share a chunk slot with real tokens and the amount of padding cannot change any real output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..cache import LayerStateCache
+from .dense import dense_attend
+from .masking import merge_heads, split_heads
+
+
+def rotation_width(num_buckets: int | list[int]) -> int:
+    """Columns of the random rotation one hashing round needs."""
+    if isinstance(num_buckets, (list, tuple)):
+        return sum(b // 2 for b in num_buckets)
+    return num_buckets // 2
+
+
+def total_buckets(num_buckets: int | list[int]) -> int:
+    return math.prod(num_buckets) if isinstance(num_buckets, (list, tuple)) else num_buckets
+
+
+def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: int | list[int],
+                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """vectors (B, H, T, D), rotations (R, D, rotation_width) -> buckets (B, H, R, T), int64.
+
+    Hashing runs in fp32 even under autocast, so the cached and full forward passes agree. Positions where
+    ``padding_mask`` (B, T) is False go to the extra bucket ``total_buckets(num_buckets)``."""
+    b, h, t, _ = vectors.shape
+    num_rounds = rotations.shape[0]
+    if total_buckets(num_buckets) == 1:
+        buckets = vectors.new_zeros((b, h, num_rounds, t), dtype=torch.long)
+    else:
+        with torch.autocast(device_type=vectors.device.type, enabled=False):
+            rotated = torch.einsum("bhtd,rdk->bhrtk", vectors.float(), rotations.float())
+        sizes = list(num_buckets) if isinstance(num_buckets, (list, tuple)) else [num_buckets]
+        buckets, stride, start = 0, 1, 0
+        for size in sizes:  # factorised buckets: b1-bucket + b1 * b2-bucket
+            part = rotated[..., start:start + size // 2]
+            buckets = buckets + stride * torch.cat([part, -part], dim=-1).argmax(dim=-1)
+            stride, start = stride * size, start + size // 2
+    if padding_mask is not None:
+        pad = ~padding_mask.bool()[:, None, None, :]
+        buckets = buckets.masked_fill(pad, total_buckets(num_buckets))
+    return buckets
+
+
+def _look_one_back(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, R, n, C, ...) -> (B, H, R, n, 2C, ...): each chunk preceded by the chunk before it."""
+    return torch.cat([x.roll(1, dims=3), x], dim=4)
+
+
+def lsh_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buckets: torch.Tensor,
+               chunk_length: int, causal: bool, dropout: nn.Module | None = None) -> torch.Tensor:
+    """Chunked LSH attention. query/key/value (B, H, T, D) with T a multiple of ``chunk_length``;
+    buckets (B, H, R, T). Returns (B, H, T, D)."""
+    b, h, t, d = query.shape
+    r, c = buckets.shape[2], chunk_length
+    n = t // c
+    positions = torch.arange(t, device=query.device)
+    # Sort by bucket, then position: keys are unique, so the order is stable by construction.
+    sorted_pos = (buckets * t + positions).argsort(dim=-1)  # (B, H, R, T): original position at each sorted slot
+
+    flat = sorted_pos.reshape(b, h, r * t, 1).expand(-1, -1, -1, d)
+
+    def sort(x):  # (B, H, T, D) -> (B, H, R, n, C, D)
+        return x.gather(2, flat).view(b, h, r, n, c, d)
+
+    q, k, v = sort(query), _look_one_back(sort(key)), _look_one_back(sort(value))
+    q_bucket = buckets.gather(-1, sorted_pos).view(b, h, r, n, c)
+    q_pos = sorted_pos.view(b, h, r, n, c)
+    k_bucket, k_pos = _look_one_back(q_bucket), _look_one_back(q_pos)  # (B, H, R, n, 2C)
+
+    rank_q = positions.view(n, c)  # slot in the sorted order
+    rank_k = torch.cat([rank_q - c, rank_q], dim=-1)  # (n, 2C); negative = wrapped around from the last chunk
+    allowed = (q_bucket[..., :, None] == k_bucket[..., None, :]) & (rank_k >= 0)[:, None, :]
+    if causal:
+        allowed = allowed & (k_pos[..., None, :] <= q_pos[..., :, None])
+        allowed = allowed & ((rank_q[:, :, None] - rank_k[:, None, :]) <= c)
+    self_mask = k_pos[..., None, :] == q_pos[..., :, None]
+    out, lse = dense_attend(q, k, v, allowed, 1.0 / math.sqrt(d), dropout, self_mask)  # (B,H,R,n,C,D), (B,H,R,n,C)
+
+    # Undo the sort: the slot of each original position is the inverse permutation.
+    slots = sorted_pos.argsort(dim=-1)
+    out = out.view(b, h, r, t, d).gather(3, slots[..., None].expand(-1, -1, -1, -1, d))
+    lse = lse.view(b, h, r, t).gather(3, slots)
+    return _combine_rounds(out, lse)
+
+
+def _combine_rounds(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """out (B, H, R, T, D), lse (B, H, R, T) -> (B, H, T, D), each round weighted by its share of the mass."""
+    weights = torch.softmax(lse, dim=2).unsqueeze(-1)
+    return (out.float() * weights).sum(dim=2).to(out.dtype)
+
+
+def lsh_attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buckets: torch.Tensor,
+                      chunk_length: int, dropout: nn.Module | None = None) -> torch.Tensor:
+    """Causal LSH attention of the last Q positions over all T (incremental decoding).
+
+    query (B, H, Q, D), key/value (B, H, T, D), buckets (B, H, R, T). Attends to the same keys as `lsh_attend`
+    does for these positions: own bucket, not later, at most ``chunk_length`` bucket-mates back."""
+    t, q_len = key.shape[2], query.shape[2]
+    positions = torch.arange(t, device=query.device)
+    slots = (buckets * t + positions).argsort(dim=-1).argsort(dim=-1)  # (B, H, R, T): slot in the sorted order
+    q_slots, q_bucket = slots[..., t - q_len:], buckets[..., t - q_len:]
+    q_pos = positions[t - q_len:]
+    allowed = ((q_bucket[..., :, None] == buckets[..., None, :])
+               & (positions[None, :] <= q_pos[:, None])
+               & ((q_slots[..., :, None] - slots[..., None, :]) <= chunk_length))
+    self_mask = positions[None, :] == q_pos[:, None]
+    out, lse = dense_attend(query.unsqueeze(2), key.unsqueeze(2), value.unsqueeze(2), allowed,
+                            1.0 / math.sqrt(query.shape[-1]), dropout, self_mask)
+    return _combine_rounds(out, lse)
+
+
+class LSHSelfAttention(nn.Module):
+    """Multi-head LSH self-attention with a shared query/key projection.
+
+    Args:
+        hidden_size: width of the input and output.
+        num_heads, head_size: heads and their width.
+        chunk_length: chunk length of the sorted sequence; inputs must be a multiple of it.
+        num_buckets: buckets per round (even, 1, or a factorised pair [b1, b2]).
+        num_hashes: hashing rounds.
+        causal: autoregressive masking.
+        dropout: dropout on attention probabilities.
+        hash_seed: with a seed, rotations are fixed (`fixed_rotations`) in training too; without one, training
+            draws fresh rotations each call and evaluation uses the fixed ones (seeded by 0).
+        layer_idx: the layer this module sits in (its slot in a `LayerStateCache`, and its rotation seed).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_size: int, chunk_length: int,
+                 num_buckets: int | list[int], num_hashes: int = 1, causal: bool = True, dropout: float = 0.0,
+                 hash_seed: int | None = None, layer_idx: int = 0):
+        super().__init__()
+        self.num_heads, self.head_size = num_heads, head_size
+        self.chunk_length, self.num_buckets, self.num_hashes = chunk_length, num_buckets, num_hashes
+        self.causal, self.layer_idx = causal, layer_idx
+        self.fresh_rotations = hash_seed is None
+        self.rotation_seed = (0 if hash_seed is None else hash_seed) * 1_000_003 + layer_idx
+        self.query_key = nn.Linear(hidden_size, num_heads * head_size, bias=False)
+        self.value = nn.Linear(hidden_size, num_heads * head_size, bias=False)
+        self.output = nn.Linear(num_heads * head_size, hidden_size, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("fixed_rotations", self.seeded_rotations(), persistent=False)
+
+    def seeded_rotations(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.rotation_seed)
+        shape = (self.num_hashes, self.head_size, rotation_width(self.num_buckets))
+        return torch.randn(shape, generator=generator)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                cache: LayerStateCache | None = None) -> torch.Tensor:
+        """hidden_states (B, T, hidden); padding_mask (B, T_all) bool, True for real tokens, covering the cached
+        positions too when decoding. Returns (B, T, hidden)."""
+        query = split_heads(self.query_key(hidden_states), self.num_heads)  # (B, H, T, D)
+        key = nn.functional.normalize(query, dim=-1, eps=1e-6)
+        value = split_heads(self.value(hidden_states), self.num_heads)
+        if self.training and self.fresh_rotations:
+            rotations = torch.randn(self.fixed_rotations.shape, device=query.device)
+        else:
+            rotations = self.fixed_rotations
+        new_mask = None if padding_mask is None else padding_mask[:, padding_mask.shape[1] - query.shape[2]:]
+        buckets = hash_vectors(query, rotations, self.num_buckets, new_mask)
+
+        if cache is not None and cache.has(self.layer_idx):
+            key = cache.append(self.layer_idx, "key", key, seq_dim=2)
+            value = cache.append(self.layer_idx, "value", value, seq_dim=2)
+            buckets = cache.append(self.layer_idx, "buckets", buckets, seq_dim=3)
+            out = lsh_attend_cached(query, key, value, buckets, self.chunk_length, self.dropout)
+        else:
+            if cache is not None:
+                for name, tensor, dim in (("key", key, 2), ("value", value, 2), ("buckets", buckets, 3)):
+                    cache.append(self.layer_idx, name, tensor, seq_dim=dim)
+            out = lsh_attend(query, key, value, buckets, self.chunk_length, self.causal, self.dropout)
+        return self.output(merge_heads(out))

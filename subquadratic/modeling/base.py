@@ -1,0 +1,68 @@
+"""What every `subquadratic` model shares: weight initialisation, internal padding to whole chunks, and saving
+with the code for `trust_remote_code`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+
+from .attention.lsh import LSHSelfAttention
+from .layers.embeddings import AxialPositionEmbedding
+from .remote_code import PACKAGE, export_remote_code
+
+
+class SubquadraticPreTrainedModel(PreTrainedModel):
+    """Base of every model of the package. Subclasses set `config_class`; the base model of each head lives in
+    the attribute `model` (`base_model_prefix`)."""
+
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, AxialPositionEmbedding):
+            for weight in module.weights:
+                init.normal_(weight, mean=0.0, std=std)
+        elif isinstance(module, LSHSelfAttention):
+            init.copy_(module.fixed_rotations, module.seeded_rotations())
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the model's code and `auto_map`, so the folder also loads with
+        `trust_remote_code=True` where `subquadratic` is not installed."""
+        if type(self).__module__.split(".")[0] == PACKAGE:
+            os.makedirs(save_directory, exist_ok=True)
+            auto_classes = sys.modules[type(self).__module__].AUTO_CLASSES
+            self.config.auto_map = export_remote_code(save_directory, type(self.config), auto_classes)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def pad_to_multiple(hidden_states: torch.Tensor, padding_mask: torch.Tensor | None, multiple: int):
+    """Pads (B, T, hidden) on the right to a multiple of ``multiple``. Returns the padded states and a (B, T')
+    bool mask that is False on the added positions (None when nothing was masked or added)."""
+    length = hidden_states.shape[1]
+    extra = (-length) % multiple
+    if extra == 0:
+        return hidden_states, None if padding_mask is None else padding_mask.bool()
+    hidden_states = nn.functional.pad(hidden_states, (0, 0, 0, extra))
+    if padding_mask is None:
+        padding_mask = torch.ones(hidden_states.shape[0], length, dtype=torch.bool, device=hidden_states.device)
+    return hidden_states, nn.functional.pad(padding_mask.bool(), (0, extra), value=False)
+

@@ -1,0 +1,147 @@
+"""Reversible residual layers (Gomez et al. 2017; Reformer, section 3).
+
+Each block maps two streams (x1, x2) to
+
+    y1 = x1 + F(x2)        F: attention sub-layer
+    y2 = x2 + G(y1)        G: feed-forward sub-layer
+
+and can be inverted: x2 = y2 - G(y1), x1 = y1 - F(x2). `ReversibleStack` runs the blocks inside one custom
+autograd function that keeps only the last block's outputs; the backward pass rebuilds each block's inputs from
+its outputs while it recomputes the block, so activation memory does not grow with depth. For the recomputation
+to equal the forward pass, each sub-layer replays the random state (dropout, fresh LSH rotations) and the autocast
+precision it ran under. Parameters enter the autograd function as inputs, so their gradients come back through
+autograd itself (`torch.autograd.grad`, DDP hooks and gradient accumulation work as with any layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+class _RandomState:
+    """The CPU and (when used) CUDA generator states at one point of the forward pass."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+def _autocast_state(device_type: str):
+    enabled = torch.is_autocast_enabled(device_type)
+    return device_type, (torch.get_autocast_dtype(device_type) if enabled else None), enabled
+
+
+def _params(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x1, x2, stack: ReversibleStack, f_kwargs: dict, *params):
+        ctx.stack, ctx.f_kwargs = stack, f_kwargs
+        ctx.autocast = _autocast_state(x1.device.type)
+        ctx.random_states = []
+        for f, g in zip(stack.f_blocks, stack.g_blocks):
+            f_state = _RandomState(x1.device)
+            x1 = x1 + f(x2, **f_kwargs)
+            g_state = _RandomState(x1.device)
+            x2 = x2 + g(x1)
+            ctx.random_states.append((f_state, g_state))
+            stack.record(x1, x2)
+        ctx.save_for_backward(x1, x2)
+        return x1, x2
+
+    @staticmethod
+    def backward(ctx, grad_y1, grad_y2):
+        y1, y2 = ctx.saved_tensors
+        device_type, dtype, enabled = ctx.autocast
+        grads: dict[nn.Parameter, torch.Tensor] = {}
+        blocks = list(zip(ctx.stack.f_blocks, ctx.stack.g_blocks, ctx.random_states))
+        for f, g, (f_state, g_state) in reversed(blocks):
+            # G: rebuild x2 = y2 - G(y1) and push grad_y2 through G.
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), g_state.replay():
+                y1 = y1.detach().requires_grad_(True)
+                g_out = g(y1)
+            g_params = _params(g)
+            g_grads = torch.autograd.grad(g_out, (y1, *g_params), grad_y2, allow_unused=True)
+            x2 = (y2 - g_out).detach()
+            grad_y1 = grad_y1 + g_grads[0]
+            # F: rebuild x1 = y1 - F(x2) and push grad_y1 through F.
+            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), f_state.replay():
+                x2 = x2.requires_grad_(True)
+                f_out = f(x2, **ctx.f_kwargs)
+            f_params = _params(f)
+            f_grads = torch.autograd.grad(f_out, (x2, *f_params), grad_y1, allow_unused=True)
+            x1 = (y1 - f_out).detach()
+            grad_y2 = grad_y2 + f_grads[0]
+            for p, gr in zip([*g_params, *f_params], [*g_grads[1:], *f_grads[1:]]):
+                if gr is not None:
+                    grads[p] = gr if p not in grads else grads[p] + gr
+            y1, y2 = x1, x2
+        param_grads = [grads.get(p) for p in ctx.stack.trainable_params()]
+        return (grad_y1, grad_y2, None, None, *param_grads)
+
+
+class ReversibleStack(nn.Module):
+    """Blocks (F_i, G_i) applied to two streams. ``f_blocks[i](x, **f_kwargs)`` and ``g_blocks[i](x)`` map
+    (B, T, hidden) to (B, T, hidden).
+
+    ``reversible=False`` runs the same arithmetic with ordinary autograd (every activation stored); the outputs
+    and gradients are the same, which is what the tests check."""
+
+    def __init__(self, f_blocks: list[nn.Module], g_blocks: list[nn.Module], reversible: bool = True):
+        super().__init__()
+        self.f_blocks = nn.ModuleList(f_blocks)
+        self.g_blocks = nn.ModuleList(g_blocks)
+        self.reversible = reversible
+        self.gradient_checkpointing = False
+        self._recorded: list | None = None
+
+    def trainable_params(self) -> list[nn.Parameter]:
+        return _params(self)
+
+    def record(self, x1: torch.Tensor, x2: torch.Tensor) -> None:
+        if self._recorded is not None:
+            self._recorded.append(((x1 + x2) / 2).detach())
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, f_kwargs: dict | None = None,
+                output_hidden_states: bool = False):
+        """Returns (y1, y2, hidden_states). ``hidden_states`` is None, or the mean of the two streams after each
+        block (detached when the stack runs reversibly: they are not part of its autograd graph)."""
+        f_kwargs = f_kwargs or {}
+        self._recorded = [] if output_hidden_states else None
+        try:
+            needs_grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or any(
+                p.requires_grad for p in self.parameters()))
+            if self.reversible and needs_grad:
+                y1, y2 = _ReversibleFunction.apply(x1, x2, self, f_kwargs, *self.trainable_params())
+            else:
+                y1, y2 = x1, x2
+                for f, g in zip(self.f_blocks, self.g_blocks):
+                    if self.gradient_checkpointing and needs_grad:
+                        y1, y2 = self._gradient_checkpointing_func(self._block, f, g, y1, y2, f_kwargs)
+                    else:
+                        y1, y2 = self._block(f, g, y1, y2, f_kwargs)
+                    if self._recorded is not None:
+                        self._recorded.append((y1 + y2) / 2)
+            return y1, y2, self._recorded
+        finally:
+            self._recorded = None
+
+    @staticmethod
+    def _block(f: nn.Module, g: nn.Module, x1: torch.Tensor, x2: torch.Tensor, f_kwargs: dict):
+        y1 = x1 + f(x2, **f_kwargs)
+        return y1, x2 + g(y1)
