@@ -77,10 +77,10 @@ def lsh_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buck
     # Sort by bucket, then position: keys are unique, so the order is stable by construction.
     sorted_pos = (buckets * t + positions).argsort(dim=-1)  # (B, H, R, T): original position at each sorted slot
 
-    flat = sorted_pos.reshape(b, h, r * t, 1).expand(-1, -1, -1, d)
+    flat = sorted_pos.reshape(b, h, r * t, 1)
 
     def sort(x):  # (B, H, T, D) -> (B, H, R, n, C, D)
-        return x.gather(2, flat).view(b, h, r, n, c, d)
+        return x.gather(2, flat.expand(-1, -1, -1, x.shape[-1])).view(b, h, r, n, c, x.shape[-1])
 
     q, k, v = sort(query), _look_one_back(sort(key)), _look_one_back(sort(value))
     q_bucket = buckets.gather(-1, sorted_pos).view(b, h, r, n, c)
@@ -89,16 +89,18 @@ def lsh_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buck
 
     rank_q = positions.view(n, c)  # slot in the sorted order
     rank_k = torch.cat([rank_q - c, rank_q], dim=-1)  # (n, 2C); negative = wrapped around from the last chunk
-    allowed = (q_bucket[..., :, None] == k_bucket[..., None, :]) & (rank_k >= 0)[:, None, :]
+    in_window = (rank_k >= 0)[:, None, :]  # (n, 1, 2C)
+    allowed = (q_bucket[..., :, None] == k_bucket[..., None, :]) & in_window
     if causal:
         allowed = allowed & (k_pos[..., None, :] <= q_pos[..., :, None])
         allowed = allowed & ((rank_q[:, :, None] - rank_k[:, None, :]) <= c)
-    self_mask = k_pos[..., None, :] == q_pos[..., :, None]
+    self_mask = (k_pos[..., None, :] == q_pos[..., :, None]) & in_window  # a single chunk wraps onto itself
     out, lse = dense_attend(q, k, v, allowed, 1.0 / math.sqrt(d), dropout, self_mask)  # (B,H,R,n,C,D), (B,H,R,n,C)
 
     # Undo the sort: the slot of each original position is the inverse permutation.
     slots = sorted_pos.argsort(dim=-1)
-    out = out.view(b, h, r, t, d).gather(3, slots[..., None].expand(-1, -1, -1, -1, d))
+    dv = value.shape[-1]
+    out = out.view(b, h, r, t, dv).gather(3, slots[..., None].expand(-1, -1, -1, -1, dv))
     lse = lse.view(b, h, r, t).gather(3, slots)
     return _combine_rounds(out, lse)
 

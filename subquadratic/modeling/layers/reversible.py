@@ -51,7 +51,9 @@ def _params(module: nn.Module) -> list[nn.Parameter]:
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, x2, stack: ReversibleStack, f_kwargs: dict, *params):
-        ctx.stack, ctx.f_kwargs = stack, f_kwargs
+        ctx.stack = stack
+        # The backward pass recomputes F; it must not append to a decoding cache a second time.
+        ctx.f_kwargs = {k: v for k, v in f_kwargs.items() if k != "cache"}
         ctx.autocast = _autocast_state(x1.device.type)
         ctx.random_states = []
         for f, g in zip(stack.f_blocks, stack.g_blocks):
@@ -97,7 +99,8 @@ class _ReversibleFunction(torch.autograd.Function):
 
 class ReversibleStack(nn.Module):
     """Blocks (F_i, G_i) applied to two streams. ``f_blocks[i](x, **f_kwargs)`` and ``g_blocks[i](x)`` map
-    (B, T, hidden) to (B, T, hidden).
+    (B, T, hidden) to (B, T, hidden). An ``f_kwargs["cache"]`` is passed on the forward pass only, never to the
+    recomputation in the backward pass.
 
     ``reversible=False`` runs the same arithmetic with ordinary autograd (every activation stored); the outputs
     and gradients are the same, which is what the tests check."""
