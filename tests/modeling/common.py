@@ -46,7 +46,8 @@ def check_auto_classes(config, auto_classes: dict, folder) -> None:
 REMOTE_SCRIPT = textwrap.dedent("""
     import sys
     sys.modules["subquadratic"] = None  # the package must not be importable here
-    sys.path = [p for p in sys.path if not p.startswith({repo!r})]
+    import os
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != {repo!r}]
     import torch, transformers
     folder, auto_name = sys.argv[1], sys.argv[2]
     inputs, expected = torch.load(sys.argv[3])
