@@ -1,0 +1,1 @@
+"""Model card templates (installed as `subquadratic.model_cards`)."""

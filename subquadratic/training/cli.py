@@ -1,0 +1,50 @@
+"""`subquadratic-train`: train a model of the package from a preset or a config file.
+
+    subquadratic-train reformer-enwik8-tiny                          # the built-in default: a minute on a CPU
+    subquadratic-train reformer-enwik8 --data_path enwik8.zip --output_dir runs/enwik8
+    accelerate launch --num_processes 8 -m subquadratic.training.cli reformer-enwik8 --data_path enwik8
+    subquadratic-train my_run.yaml --max_steps 500 --model.num_hashes 8 --mixed_precision bf16
+    subquadratic-train --list-presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import TrainConfig, load_config, preset_names
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="subquadratic-train", description=__doc__.split("\n\n")[0],
+                                     epilog="Any field of the training config can be overridden with --name value; "
+                                            "model config fields with --model.name value. Fields:\n"
+                                            + TrainConfig.__doc__.split("Attributes:")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default="reformer-enwik8-tiny",
+                        help="a preset name or a YAML/JSON file, first if given (default: reformer-enwik8-tiny)")
+    parser.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Only the first argument can be the config: the values of --key overrides must not be taken for it.
+    source = argv.pop(0) if argv and not argv[0].startswith("-") else parser.get_default("config")
+    args, overrides = parser.parse_known_args(["--list-presets"] if "--list-presets" in argv else
+                                              [a for a in argv if a in ("-h", "--help")])
+    if args.list_presets:
+        print("\n".join(preset_names()))
+        return
+    try:
+        cfg = load_config(source, overrides + [a for a in argv if a not in ("-h", "--help")])
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"subquadratic-train: error: {e}\n")
+    from .loop import Run  # heavy imports only once the config is known to be good
+
+    try:
+        run = Run(cfg)  # data, model and batch checks: every bad input fails here, before training
+    except (ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"subquadratic-train: error: {e}\n")
+        raise SystemExit(2) from e
+    run.run()
+
+
+if __name__ == "__main__":
+    main()
