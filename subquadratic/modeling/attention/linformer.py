@@ -1,0 +1,162 @@
+"""Linformer self-attention (Wang et al. 2020, "Linformer: Self-Attention with Linear Complexity").
+
+Keys and values (B, H, T, D) are shortened along the sequence axis to k positions before attention, so the scores
+are T x k instead of T x T: time and memory grow linearly with the sequence length. The module is built for a
+maximum length n; the learned projections E, F (k x n) are tied to it.
+
+Padding never reaches the outputs of real tokens: padded keys and values are removed (zeroed, or excluded from
+pooling) before projecting, and an input of length T < n uses only the first T columns of E and F (as the paper's
+reference implementation in fairseq does), so the projection of a sequence does not depend on how much padding
+follows it. Pooled slots that cover no real token are masked out of the softmax. No rescaling is applied for
+T < n (a shorter input sums fewer columns of E); this keeps outputs independent of padding, which a rescale by
+the padded length would break.
+
+Linformer attention is bidirectional: every projected key mixes all positions, so causal masking is impossible.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...configuration.linformer import PROJECTION_KINDS, SHARING_MODES
+from .dense import dense_attend
+from .masking import merge_heads, split_heads
+
+
+class SequenceProjection(nn.Module):
+    """Shortens (B, H, T, D) to (B, H, k', D) along the sequence axis, for T <= n.
+
+    Kinds: "linear" (learned E of shape (k, n); k' = k), "mean" / "max" pooling and "conv" (a learned strided
+    convolution: one filter of n/k weights applied to every feature) with kernel = stride = n/k, where
+    k' = ceil(T / (n/k)) windows cover the input.
+
+    Args:
+        kind: one of PROJECTION_KINDS.
+        max_length: n, the longest input.
+        projected_length: k (<= n; a divisor of n unless kind is "linear").
+        num_heads: separate weights for this many heads (1: one set shared by all heads).
+    """
+
+    def __init__(self, kind: str, max_length: int, projected_length: int, num_heads: int = 1):
+        super().__init__()
+        if kind not in PROJECTION_KINDS:
+            raise ValueError(f"projection kind {kind!r} is not valid: expected one of {list(PROJECTION_KINDS)}.")
+        if not 0 < projected_length <= max_length:
+            raise ValueError(f"projected length k={projected_length} must be in [1, n={max_length}].")
+        if kind != "linear" and max_length % projected_length:
+            raise ValueError(f"projection kind {kind!r} pools with kernel = stride = n/k, so k={projected_length} "
+                             f"must divide n={max_length}.")
+        self.kind, self.max_length, self.projected_length = kind, max_length, projected_length
+        self.stride = max_length // projected_length
+        shape = {"linear": (num_heads, projected_length, max_length), "conv": (num_heads, self.stride)}.get(kind)
+        self.weight = None if shape is None else nn.Parameter(torch.empty(shape))
+        if self.weight is not None:
+            nn.init.normal_(self.weight, std=self.init_std)
+
+    @property
+    def init_std(self) -> float:
+        """1 / sqrt(fan-in): a projected key is a weighted sum of fan-in keys, and keeps their scale."""
+        return 1.0 / math.sqrt(self.max_length if self.kind == "linear" else self.stride)
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """x (B, H, T, D); padding_mask (B, T) bool, True for real tokens.
+
+        Returns (projected (B, H, k', D), slot_mask): for the window kinds, slot_mask (B or 1, 1, 1, k') is False
+        for windows that cover no real token (to be masked out of the softmax); None for "linear", whose every
+        slot mixes the whole input."""
+        b, h, t, d = x.shape
+        keep = None if padding_mask is None else padding_mask.bool()[:, None, :, None]  # (B, 1, T, 1)
+        if self.kind == "linear":
+            if keep is not None:
+                x = x * keep
+            # weight (P, k, T) with P in {1, H}: out[b, h] = E_h[:, :T] @ x[b, h]
+            weight = self.weight[:, :, :t]
+            if weight.shape[0] == 1:
+                return torch.einsum("kt,bhtd->bhkd", weight[0], x), None
+            return torch.einsum("hkt,bhtd->bhkd", weight, x), None
+
+        # windows of `stride` positions: pad T to a whole number of windows; the added positions are not real
+        s = self.stride
+        windows = -(-t // s)
+        extra = windows * s - t
+        if keep is None:
+            keep = torch.ones(1, 1, t, 1, dtype=torch.bool, device=x.device)
+        x = nn.functional.pad(x, (0, 0, 0, extra)).view(b, h, windows, s, d)
+        keep = nn.functional.pad(keep, (0, 0, 0, extra), value=False).view(keep.shape[0], 1, windows, s, 1)
+        count = keep.sum(dim=3)  # (B, 1, k', 1): real tokens per window
+        slot_mask = (count > 0).view(count.shape[0], 1, 1, windows)
+        if self.kind == "max":
+            out = x.masked_fill(~keep, torch.finfo(x.dtype).min).amax(dim=3)
+            return out.masked_fill(count == 0, 0.0), slot_mask
+        x = x * keep
+        if self.kind == "mean":
+            # divide by the real tokens of each window, not by the window size
+            return x.sum(dim=3) / count.clamp(min=1).to(x.dtype), slot_mask
+        # conv: out[b, h, j] = sum_i w_h[i] x[b, h, j*s + i], weight (P, s) broadcast over heads and features
+        return torch.einsum("bhjsd,hs->bhjd", x, self.weight.expand(h, s)), slot_mask
+
+
+class LinformerSelfAttention(nn.Module):
+    """Multi-head self-attention over keys and values projected from n to k positions.
+
+    Args:
+        hidden_size: width of the input and output.
+        num_heads, head_size: heads and their width.
+        max_length: n, the longest input (the projections are built for it).
+        projected_length: k, projected key/value positions.
+        sharing: "none" (E, F per head), "headwise" (one E, F for all heads), "key-value" (one matrix used as E
+            and F by all heads) or "layerwise" (the module owns no projection: the caller passes the model-wide
+            one to `forward`, so it is stored once).
+        projection_kind: "linear", "mean", "max" or "conv" (see `SequenceProjection`).
+        dropout: dropout on attention probabilities.
+        causal: must be False; present so that a causal request fails clearly instead of silently attending to
+            the future.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_size: int, max_length: int, projected_length: int,
+                 sharing: str = "none", projection_kind: str = "linear", dropout: float = 0.0, causal: bool = False):
+        super().__init__()
+        if causal:
+            raise ValueError("Linformer attention is bidirectional: each projected key mixes the whole sequence, "
+                             "so it cannot be causal (is_decoder / causal must be False).")
+        if sharing not in SHARING_MODES:
+            raise ValueError(f"sharing {sharing!r} is not valid: expected one of {list(SHARING_MODES)}.")
+        self.num_heads, self.max_length, self.sharing = num_heads, max_length, sharing
+        self.query = nn.Linear(hidden_size, num_heads * head_size)
+        self.key = nn.Linear(hidden_size, num_heads * head_size)
+        self.value = nn.Linear(hidden_size, num_heads * head_size)
+        self.output = nn.Linear(num_heads * head_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        # E (keys) and F (values); "key-value" uses E for both, "layerwise" gets its projection in forward
+        self.key_projection = self.value_projection = None
+        if sharing != "layerwise":
+            per_head = num_heads if sharing == "none" else 1
+            self.key_projection = SequenceProjection(projection_kind, max_length, projected_length, per_head)
+            if sharing != "key-value":
+                self.value_projection = SequenceProjection(projection_kind, max_length, projected_length, per_head)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                shared_projection: SequenceProjection | None = None) -> torch.Tensor:
+        """hidden_states (B, T, hidden) with T <= n; padding_mask (B, T) bool, True for real tokens;
+        shared_projection: the model-wide projection, needed (only) when sharing is "layerwise".
+        Returns (B, T, hidden)."""
+        length = hidden_states.shape[1]
+        if length > self.max_length:
+            raise ValueError(f"Linformer attention takes at most n={self.max_length} positions (its projections "
+                             f"are built for n); got a sequence of length {length}.")
+        if self.sharing == "layerwise":
+            if shared_projection is None:
+                raise ValueError("sharing='layerwise' needs the model-wide `shared_projection` in forward.")
+            key_projection = value_projection = shared_projection
+        else:
+            key_projection = self.key_projection
+            value_projection = self.value_projection or key_projection
+        query = split_heads(self.query(hidden_states), self.num_heads)  # (B, H, T, D)
+        key, slots = key_projection(split_heads(self.key(hidden_states), self.num_heads), padding_mask)  # (B, H, k', D)
+        value, _ = value_projection(split_heads(self.value(hidden_states), self.num_heads), padding_mask)
+        # scores (B, H, T, k'): softmax in fp32 over the projected positions, empty pooled slots masked
+        out, _ = dense_attend(query, key, value, slots, 1.0 / math.sqrt(query.shape[-1]), self.dropout)
+        return self.output(merge_heads(out))

@@ -1,0 +1,158 @@
+"""Linformer attention: exactness against full attention at k = n, parameter counts of the sharing modes,
+padding handling of each projection kind, and clear errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from subquadratic.modeling.attention.linformer import LinformerSelfAttention, SequenceProjection
+
+HIDDEN, HEADS, HEAD_SIZE, N = 16, 2, 8, 16
+KINDS = ["linear", "mean", "max", "conv"]
+
+
+def make(kind="linear", k=4, sharing="none", n=N):
+    torch.manual_seed(0)
+    return LinformerSelfAttention(HIDDEN, HEADS, HEAD_SIZE, max_length=n, projected_length=k, sharing=sharing,
+                                  projection_kind=kind).eval()
+
+
+def full_attention(attn: LinformerSelfAttention, x: torch.Tensor, mask: torch.Tensor | None = None):
+    """Plain softmax attention over all T keys with the module's own query/key/value/output weights."""
+    b, t, _ = x.shape
+    h = attn.num_heads
+    d = attn.query.out_features // h
+
+    def heads(proj):
+        return proj(x).view(b, t, h, d).transpose(1, 2)
+
+    scores = heads(attn.query) @ heads(attn.key).transpose(-1, -2) / math.sqrt(d)  # (B, H, T, T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    out = scores.softmax(-1) @ heads(attn.value)
+    return attn.output(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+def set_identity(projection: SequenceProjection) -> None:
+    """E = I (linear, k = n) or a filter of ones over windows of one position (conv, k = n)."""
+    with torch.no_grad():
+        if projection.kind == "linear":
+            projection.weight.copy_(torch.eye(projection.max_length).expand_as(projection.weight))
+        elif projection.kind == "conv":
+            projection.weight.fill_(1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sharing", ["none", "headwise", "key-value"])
+def test_identity_projection_equals_full_attention(kind, sharing):
+    attn = make(kind, k=N, sharing=sharing)
+    for module in (attn.key_projection, attn.value_projection):
+        if module is not None:
+            set_identity(module)
+    x = torch.randn(2, N, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), full_attention(attn, x))
+
+
+def test_identity_layerwise_projection_equals_full_attention():
+    attn = make("linear", k=N, sharing="layerwise")
+    shared = SequenceProjection("linear", N, N)
+    set_identity(shared)
+    x = torch.randn(2, N, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, shared_projection=shared), full_attention(attn, x))
+
+
+@pytest.mark.parametrize("kind", ["mean", "max", "conv"])
+def test_pooling_at_k_equal_n_matches_masked_full_attention_on_short_padded_inputs(kind):
+    """With windows of one position, empty slots (padding, or past the input's end) are masked out exactly."""
+    attn = make(kind, k=N)
+    set_identity(attn.key_projection)
+    set_identity(attn.value_projection)
+    x = torch.randn(2, 11, HIDDEN)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, 7:] = False
+    with torch.no_grad():
+        out, ref = attn(x, padding_mask=mask), full_attention(attn, x, mask)
+    torch.testing.assert_close(out[0, :7], ref[0, :7])
+    torch.testing.assert_close(out[1], ref[1])
+
+
+@pytest.mark.parametrize("sharing, expected", [
+    ("none", 2 * HEADS * 4 * N),  # E_i, F_i for every head
+    ("headwise", 2 * 4 * N),  # one E and one F for the layer
+    ("key-value", 4 * N),  # E = F
+    ("layerwise", 0),  # owned by the model, passed to forward
+])
+def test_linear_projection_parameter_counts(sharing, expected):
+    attn = make("linear", k=4, sharing=sharing)
+    dense = 4 * (HIDDEN * HEADS * HEAD_SIZE + HIDDEN)  # query, key, value, output with biases
+    assert sum(p.numel() for p in attn.parameters()) == dense + expected
+
+
+@pytest.mark.parametrize("sharing, expected", [("none", 2 * HEADS * 4), ("headwise", 2 * 4), ("key-value", 4)])
+def test_conv_and_pooling_parameter_counts(sharing, expected):
+    """conv: one filter of n/k = 4 weights per projection; pooling has no parameters."""
+    def projections(kind):
+        return sum(p.numel() for name, p in make(kind, k=4, sharing=sharing).named_parameters() if "projection" in name)
+
+    assert projections("conv") == expected
+    assert projections("mean") == projections("max") == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sharing", ["none", "key-value"])
+def test_padding_does_not_change_real_tokens(kind, sharing):
+    """A sequence alone and followed by padding (any amount, any content) gives the same outputs."""
+    attn = make(kind, k=4, sharing=sharing)
+    x = torch.randn(1, 9, HIDDEN)
+    with torch.no_grad():
+        alone = attn(x)
+        for extra in (1, 3, 7):
+            padded = torch.cat([x, 100 * torch.randn(1, extra, HIDDEN)], dim=1)
+            mask = torch.arange(9 + extra)[None] < 9
+            torch.testing.assert_close(attn(padded, padding_mask=mask)[:, :9], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_pooling_windows():
+    """mean divides by the real tokens of each window; max ignores padding; empty windows are masked."""
+    x = torch.arange(1.0, 7.0).view(1, 1, 6, 1)  # positions hold 1..6
+    mask = torch.tensor([[True, True, True, False, False, False]])
+    mean, slots = SequenceProjection("mean", 8, 4)(x, mask)  # windows of 2: [1,2] [3,pad] [pad,pad]
+    assert mean.flatten().tolist() == [1.5, 3.0, 0.0]
+    assert slots.flatten().tolist() == [True, True, False]
+    maxed, _ = SequenceProjection("max", 8, 4)(-x, mask)
+    assert maxed.flatten().tolist() == [-1.0, -3.0, 0.0]
+
+
+def test_projected_length_and_linear_cost():
+    """Scores are T x k: the linear projection always yields k slots; pooling ceil(T / (n/k)) of them."""
+    x = torch.randn(1, HEADS, 10, HEAD_SIZE)
+    assert SequenceProjection("linear", N, 4, HEADS)(x)[0].shape == (1, HEADS, 4, HEAD_SIZE)
+    assert SequenceProjection("mean", N, 4)(x)[0].shape == (1, HEADS, 3, HEAD_SIZE)
+
+
+def test_bfloat16_runs_with_fp32_softmax():
+    attn = make("linear").to(torch.bfloat16)
+    out = attn(torch.randn(2, 10, HIDDEN, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="n=16"):
+        make()(torch.randn(1, 17, HIDDEN))
+    with pytest.raises(ValueError, match="bidirectional"):
+        LinformerSelfAttention(HIDDEN, HEADS, HEAD_SIZE, N, 4, causal=True)
+    with pytest.raises(ValueError, match="k=32"):
+        make(k=32)
+    with pytest.raises(ValueError, match="must divide n=16"):
+        make("mean", k=5)
+    with pytest.raises(ValueError, match="sharing 'all'"):
+        make(sharing="all")
+    with pytest.raises(ValueError, match="projection kind 'fft'"):
+        make("fft")
+    with pytest.raises(ValueError, match="shared_projection"):
+        make(sharing="layerwise")(torch.randn(1, 4, HIDDEN))
