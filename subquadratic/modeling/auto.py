@@ -7,10 +7,11 @@ from __future__ import annotations
 import transformers
 from transformers import AutoConfig
 
-from . import reformer
+from . import linformer, longformer, reformer
 
-MODEL_MODULES = [reformer]
-CONFIG_CLASSES = {reformer: reformer.ReformerLMConfig}
+MODEL_MODULES = [reformer, linformer, longformer]
+CONFIG_CLASSES = {reformer: reformer.ReformerLMConfig, linformer: linformer.LinformerConfig,
+                  longformer: longformer.LongformerStyleConfig}
 
 
 def register_all() -> None:

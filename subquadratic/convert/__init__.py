@@ -1,0 +1,1 @@
+"""Converters from other libraries' checkpoints to `subquadratic` models (each module also has a console command)."""

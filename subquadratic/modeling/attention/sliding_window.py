@@ -1,0 +1,245 @@
+"""Sliding-window, dilated and global self-attention (Longformer, Beltagy et al. 2020, section 3.1).
+
+Window: with window size w (even), token i attends to the tokens i + k * d for -w/2 <= k <= w/2, or, when causal,
+for -w <= k <= 0; d is the head's dilation (1: consecutive tokens). Global: tokens marked global attend to every
+(earlier, when causal) token, with their own query/key/value projections, and every (later, when causal) token
+attends to them with the ordinary projections. A query's softmax runs over the union of its window and the global
+keys, each key counted once (global keys are taken out of the windows).
+
+Memory and time are linear in the length T: no (T, T) score matrix is ever built.
+
+* Window part: the tokens of each residue class modulo d form a sequence of S = T / d tokens on which dilated
+  attention is plain sliding-window attention. That sequence is cut into n query blocks of c = w / 2 tokens;
+  a block attends to the c + w keys from its first query's window start to its last query's window end, taken
+  from the key sequence by `unfold` (a view), and a band mask keeps each query's own w + 1. Scores are
+  (B, H, d, n, c, c + w): 1.5 w per query (transformers' overlapping chunks compute 2 w).
+* Global keys: (T, G) scores for G global tokens; global queries: (G, T) scores.
+The two parts of each query's softmax are computed separately and combined by their log-sum-exp (exactly the
+joint softmax), which reuses `dense_attend` and never concatenates scores.
+
+The number of global tokens G is the only size read from the data; without a global mask the global path is
+skipped (that choice depends on whether a mask is passed, not on its values)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..cache import LayerStateCache
+from .dense import dense_attend
+from .masking import merge_heads, split_heads
+
+
+def _to_dilated(x: torch.Tensor, dilation: int) -> torch.Tensor:
+    """(B, H, T, ...) with T = S * d -> (B, H, d, S, ...): the residue classes of positions modulo d, each in
+    order (position s * d + r lands at [r, s])."""
+    b, h, t = x.shape[:3]
+    return x.view(b, h, t // dilation, dilation, *x.shape[3:]).transpose(2, 3)
+
+
+def _from_dilated(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_to_dilated`: (B, H, d, S, ...) -> (B, H, S * d, ...)."""
+    b, h, d, s = x.shape[:4]
+    return x.transpose(2, 3).reshape(b, h, s * d, *x.shape[4:])
+
+
+def _windows(x: torch.Tensor, before: int, after: int, block: int, fill=0.0) -> torch.Tensor:
+    """(..., S, E) -> (..., n, E, block + before + after): for each query block of ``block`` positions, the keys
+    from ``before`` positions before it to ``after`` after it (``fill`` outside the sequence)."""
+    padded = nn.functional.pad(x, (0, 0, before, after), value=fill)
+    return padded.unfold(-2, block + before + after, block)
+
+
+def sliding_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, dilation: int,
+                          causal: bool, key_ok: torch.Tensor, dropout: nn.Module | None = None):
+    """Dilated sliding-window attention for heads sharing one dilation.
+
+    query/key/value (B, H, T, D), any T; key_ok (B, T) bool: keys a window may contain (real, non-global).
+    Returns (out (B, H, T, D), logsumexp (B, H, T) in fp32) for combining with other keys."""
+    b, h, t, d_head = query.shape
+    d = dilation
+    # Clip the reach to the sequence (offsets beyond S - 1 never hit a token), then choose the block so that
+    # short sequences do not pay for a long window.
+    s_raw = -(-t // d)
+    before = min(window if causal else window // 2, s_raw - 1)
+    after = 0 if causal else min(window // 2, s_raw - 1)
+    block = max(1, min(window // 2, s_raw))
+    extra = (-t) % (d * block)
+    if extra:  # pad T to whole blocks of every residue class; the added keys are masked
+        query, key, value = (nn.functional.pad(x, (0, 0, 0, extra)) for x in (query, key, value))
+        key_ok = nn.functional.pad(key_ok, (0, extra), value=False)
+    s = (t + extra) // d
+    n = s // block
+
+    q = _to_dilated(query, d).reshape(b, h, d, n, block, d_head)
+    k = _windows(_to_dilated(key, d), before, after, block).transpose(-1, -2)  # (B, H, d, n, c+w', D)
+    v = _windows(_to_dilated(value, d), before, after, block).transpose(-1, -2)
+    ok = _windows(_to_dilated(key_ok[:, None, :, None], d), before, after, block, fill=False)  # (B,1,d,n,1,c+w')
+    # Band: query slot i of a block sees key slots i .. i + before + after of its window.
+    i = torch.arange(block, device=query.device)[:, None]
+    m = torch.arange(block + before + after, device=query.device)[None, :]
+    allowed = ok & ((m >= i) & (m <= i + before + after))  # (B, 1, d, n, c, c+w')
+
+    out, lse = dense_attend(q, k, v, allowed, 1.0 / math.sqrt(d_head), dropout)
+    out = _from_dilated(out.reshape(b, h, d, s, d_head))[:, :, :t]
+    lse = _from_dilated(lse.reshape(b, h, d, s))[:, :, :t]
+    return out, lse
+
+
+def combine_softmax(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
+    """Two attention results over disjoint key sets -> the result over their union. out (..., T, D), lse (..., T)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a, weight_b = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
+    return (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype), lse
+
+
+class GlobalTokens:
+    """Where the global tokens are, in forms both global parts use.
+
+    global_mask (B, T) bool, restricted to real tokens (global_mask & padding_mask). ``index`` (B, G):
+    positions of each row's global tokens in order, padded with arbitrary positions where ``valid`` (B, G) is
+    False; ``slot`` (B, T): for a global token, its column in ``index``. G is the largest number of global tokens
+    in a row (may be 0)."""
+
+    def __init__(self, global_mask: torch.Tensor):
+        count = global_mask.sum(dim=1)  # (B,)
+        num = int(count.max()) if global_mask.numel() else 0  # the one data-dependent size
+        # stable sort puts global positions first, in order
+        self.index = torch.argsort((~global_mask).to(torch.int8), dim=1, stable=True)[:, :num]
+        self.valid = torch.arange(num, device=global_mask.device) < count[:, None]
+        self.slot = (global_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        self.mask = global_mask
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) -> (B, H, G, D) at the global positions."""
+        idx = self.index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+        return x.gather(2, idx)
+
+
+class SlidingWindowSelfAttention(nn.Module):
+    """Multi-head Longformer self-attention: sliding window (dilated per head) plus symmetric global attention.
+
+    Args:
+        hidden_size: width of the input and output.
+        num_heads: heads; head size is hidden_size / num_heads.
+        window: window size w (even): w / 2 tokens on each side, or w before when causal.
+        dilation: one dilation for every head, or a list with one per head.
+        causal: autoregressive masking (also of global attention).
+        dropout: dropout on attention probabilities.
+        bias: biases in the projections (True in Longformer/RoBERTa).
+        layer_idx: the layer this module sits in (its slot in a `LayerStateCache`).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, window: int, dilation: int | list[int] = 1,
+                 causal: bool = False, dropout: float = 0.0, bias: bool = True, layer_idx: int = 0):
+        super().__init__()
+        if window < 2 or window % 2:
+            raise ValueError(f"`window`={window!r} is not valid: expected an even integer >= 2.")
+        dilation = list(dilation) if isinstance(dilation, (list, tuple)) else [dilation] * num_heads
+        if len(dilation) != num_heads or any(d < 1 for d in dilation):
+            raise ValueError(f"`dilation`={dilation!r} is not valid: expected one integer >= 1 or {num_heads} of them.")
+        self.num_heads, self.window, self.dilation = num_heads, window, dilation
+        self.causal, self.layer_idx = causal, layer_idx
+        # Heads grouped by dilation (static): [(d, head indices)]; one group needs no head shuffling.
+        groups: dict[int, list[int]] = {}
+        for head, d in enumerate(dilation):
+            groups.setdefault(d, []).append(head)
+        self.head_groups = list(groups.items())
+        order = [head for _, heads in self.head_groups for head in heads]
+        self.head_order = sorted(range(num_heads), key=order.__getitem__)  # inverse permutation of `order`
+        for name in ("query", "key", "value", "query_global", "key_global", "value_global", "output"):
+            setattr(self, name, nn.Linear(hidden_size, hidden_size, bias=bias))
+        self.dropout = nn.Dropout(dropout)
+
+    def _window_part(self, query, key, value, key_ok):
+        """Window attention of every head, grouped by dilation. Returns (out (B, H, T, D), lse (B, H, T))."""
+        if len(self.head_groups) == 1:
+            return sliding_window_attend(query, key, value, self.window, self.dilation[0], self.causal, key_ok,
+                                         self.dropout)
+        parts = [sliding_window_attend(query[:, heads], key[:, heads], value[:, heads], self.window, d,
+                                       self.causal, key_ok, self.dropout) for d, heads in self.head_groups]
+        out = torch.cat([p[0] for p in parts], dim=1)[:, self.head_order]
+        lse = torch.cat([p[1] for p in parts], dim=1)[:, self.head_order]
+        return out, lse
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                cache: LayerStateCache | None = None,
+                global_mask: torch.Tensor | GlobalTokens | None = None) -> torch.Tensor:
+        """hidden_states (B, T, hidden); padding_mask (B, T_all) bool, True for real tokens, covering the cached
+        positions too when decoding; global_mask (B, T) bool, True for global tokens, or the `GlobalTokens` of
+        such a mask and the padding mask (a model builds it once for all its layers); None: no global tokens.
+        Returns (B, T, hidden)."""
+        b, t, _ = hidden_states.shape
+        query = split_heads(self.query(hidden_states), self.num_heads)  # (B, H, T, D)
+        key = split_heads(self.key(hidden_states), self.num_heads)
+        value = split_heads(self.value(hidden_states), self.num_heads)
+        if cache is not None and cache.has(self.layer_idx):
+            if isinstance(global_mask, GlobalTokens):
+                global_mask = global_mask.mask
+            out = self._decode(query, key, value, padding_mask, cache, global_mask)
+            return self.output(merge_heads(out))
+
+        real = (torch.ones(b, t, dtype=torch.bool, device=hidden_states.device) if padding_mask is None
+                else padding_mask.bool())
+        glob = global_mask
+        if global_mask is not None and not isinstance(global_mask, GlobalTokens):
+            glob = GlobalTokens(global_mask.bool() & real)
+        if cache is not None:  # prefill: keep what the decoding steps read
+            is_global = torch.zeros_like(real) if glob is None else glob.mask
+            for name, tensor, dim in (("key", key, 2), ("value", value, 2), ("global", is_global, 1)):
+                cache.append(self.layer_idx, name, tensor, seq_dim=dim)
+        if glob is None:
+            out, _ = self._window_part(query, key, value, real)
+            return self.output(merge_heads(out))
+
+        out, lse = self._window_part(query, key, value, real & ~glob.mask)
+        # Every query also attends to the global keys (ordinary projections): (B, H, T, G) scores.
+        positions = torch.arange(t, device=hidden_states.device)
+        allowed = glob.valid[:, None, None, :]  # (B, 1, 1, G)
+        if self.causal:
+            allowed = allowed & (glob.index[:, None, None, :] <= positions[:, None])
+        out_g, lse_g = dense_attend(query, glob.gather(key), glob.gather(value), allowed,
+                                    1.0 / math.sqrt(query.shape[-1]), self.dropout)
+        out, _ = combine_softmax(out, lse, out_g, lse_g)
+        # Global queries attend to every real key with the global projections: (B, H, G, T) scores.
+        g_hidden = hidden_states.gather(1, glob.index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
+        # (B, H, G, D); explicit sizes because G may be 0
+        g_query = self.query_global(g_hidden).view(b, g_hidden.shape[1], self.num_heads, query.shape[-1])
+        g_query = g_query.transpose(1, 2)
+        g_key = split_heads(self.key_global(hidden_states), self.num_heads)  # (B, H, T, D)
+        g_value = split_heads(self.value_global(hidden_states), self.num_heads)
+        allowed = real[:, None, None, :]  # (B, 1, 1, T)
+        if self.causal:
+            allowed = allowed & (positions <= glob.index[:, None, :, None])
+        g_out, _ = dense_attend(g_query, g_key, g_value, allowed, 1.0 / math.sqrt(query.shape[-1]), self.dropout)
+        # Each global token takes its row of g_out: gather along G by its slot (a zero row is added so the
+        # gather is valid when G = 0), then select.
+        slot = glob.slot[:, None, :, None].expand(-1, self.num_heads, -1, g_out.shape[-1])  # (B, H, T, D)
+        g_out = nn.functional.pad(g_out, (0, 0, 0, 1)).gather(2, slot)
+        out = torch.where(glob.mask[:, None, :, None], g_out, out)
+        return self.output(merge_heads(out))
+
+    def _decode(self, query, key, value, padding_mask, cache, global_mask):
+        """Causal attention of the Q new positions over all T cached and new keys (incremental decoding): one
+        (Q, T) mask per head, which is linear in T per step. New tokens cannot be global here (their global
+        attention would need the global keys and values of every earlier token, which are not cached)."""
+        q_len = query.shape[2]
+        if global_mask is not None and bool(global_mask.any()):
+            raise ValueError("Global attention on new tokens is not supported in cached decoding: pass "
+                             "`use_cache=False`, or give global attention to tokens of the prompt only.")
+        key = cache.append(self.layer_idx, "key", key, seq_dim=2)  # (B, H, T, D)
+        value = cache.append(self.layer_idx, "value", value, seq_dim=2)
+        new_global = torch.zeros(query.shape[0], q_len, dtype=torch.bool, device=query.device)
+        is_global = cache.append(self.layer_idx, "global", new_global, seq_dim=1)  # (B, T)
+        t = key.shape[2]
+        dilations = torch.tensor(self.dilation, device=query.device)[:, None, None]  # (H, 1, 1)
+        positions = torch.arange(t, device=query.device)
+        offset = positions[t - q_len:, None] - positions[None, :]  # (Q, T): how far back each key is
+        in_window = (offset >= 0) & (offset <= self.window * dilations) & (offset % dilations == 0)
+        real = (torch.ones_like(is_global) if padding_mask is None else padding_mask.bool())[:, None, None, :]
+        key_global = is_global[:, None, None, :]
+        allowed = real & ((in_window & ~key_global) | (key_global & (offset >= 0)))  # (B, H, Q, T)
+        out, _ = dense_attend(query, key, value, allowed, 1.0 / math.sqrt(query.shape[-1]), self.dropout)
+        return out

@@ -1,0 +1,182 @@
+"""Sliding-window / dilated / global attention against plain references that build the full (T, T) mask."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from subquadratic.modeling.attention.masking import merge_heads, split_heads
+from subquadratic.modeling.attention.sliding_window import SlidingWindowSelfAttention
+from subquadratic.modeling.cache import LayerStateCache
+
+HIDDEN, HEADS = 16, 4
+
+
+def make(window, dilation=1, causal=False, seed=0):
+    torch.manual_seed(seed)
+    return SlidingWindowSelfAttention(HIDDEN, HEADS, window, dilation, causal=causal).eval()
+
+
+def full_softmax_attention(module, x):
+    """Plain multi-head softmax attention over every pair (the local projections)."""
+    q, k, v = (split_heads(proj(x), HEADS) for proj in (module.query, module.key, module.value))
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return module.output(merge_heads(probs @ v))
+
+
+def brute_force(module, x, padding_mask=None, global_mask=None):
+    """The definition: a (B, H, T, T) mask of exactly the allowed pairs, one softmax per query."""
+    b, t, _ = x.shape
+    real = torch.ones(b, t, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
+    glob = torch.zeros(b, t, dtype=torch.bool) if global_mask is None else global_mask.bool() & real
+    pos = torch.arange(t)
+    off = pos[None, :] - pos[:, None]  # (T, T): key position - query position
+    d = torch.tensor(module.dilation)[:, None, None]  # (H, 1, 1)
+    w = module.window
+    if module.causal:
+        window = (off <= 0) & (-off <= w * d) & (off % d == 0)
+        earlier = off <= 0
+    else:
+        window = (off.abs() <= (w // 2) * d) & (off % d == 0)
+        earlier = torch.ones_like(off, dtype=torch.bool)
+    key_real, key_glob = real[:, None, None, :], glob[:, None, None, :]
+    local_allowed = key_real & ((window & ~key_glob) | (key_glob & earlier))  # (B, H, T, T)
+    global_allowed = key_real & earlier
+
+    def attend(projs, allowed):
+        q, k, v = (split_heads(p(x), HEADS) for p in projs)
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num() @ v
+
+    local = attend((module.query, module.key, module.value), local_allowed)
+    global_ = attend((module.query_global, module.key_global, module.value_global), global_allowed)
+    out = torch.where(glob[:, None, :, None], global_, local)
+    return module.output(merge_heads(out))
+
+
+def inputs(b, t, pad_from=None, global_at=(), seed=1):
+    torch.manual_seed(seed)
+    x = torch.randn(b, t, HIDDEN)
+    padding = None
+    if pad_from is not None:
+        padding = torch.ones(b, t, dtype=torch.bool)
+        padding[0, pad_from:] = False
+    glob = None
+    if global_at is not None and len(global_at):
+        glob = torch.zeros(b, t, dtype=torch.bool)
+        for row, col in global_at:
+            glob[row, col] = True
+    return x, padding, glob
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("t", [1, 5, 16])
+def test_window_covering_sequence_is_full_attention(causal, t):
+    module = make(window=2 * t + 2, causal=causal)
+    x, _, _ = inputs(2, t)
+    expected = full_softmax_attention(module, x) if not causal else brute_force(module, x)
+    torch.testing.assert_close(module(x), expected)
+    if not causal:  # the bidirectional case against plain attention with no mask at all
+        torch.testing.assert_close(module(x), full_softmax_attention(module, x))
+
+
+COMBOS = [
+    # window, dilation, causal, length, pad_from (row 0), global tokens (row, col)
+    (4, 1, False, 13, None, ()),
+    (4, 1, True, 13, None, ()),
+    (2, 1, False, 7, 5, ()),
+    (6, [1, 2, 3, 1], False, 23, 17, [(0, 0), (1, 4), (1, 20)]),
+    (6, [1, 2, 3, 1], True, 23, 17, [(0, 0), (1, 4), (1, 20)]),
+    (4, 3, True, 19, 11, [(0, 2), (0, 16)]),  # global token 16 is padding: ignored
+    (8, 2, False, 5, None, [(0, 1)]),  # window longer than the sequence
+    (4, [2, 2, 1, 1], False, 9, 3, [(0, 0), (0, 1), (0, 2), (1, 8)]),  # row 0: every real token global
+    (10, [4, 1, 4, 1], True, 31, None, [(1, 0)]),
+]
+
+
+@pytest.mark.parametrize("window,dilation,causal,t,pad_from,global_at", COMBOS)
+def test_matches_brute_force(window, dilation, causal, t, pad_from, global_at):
+    module = make(window, dilation, causal)
+    x, padding, glob = inputs(2, t, pad_from, global_at)
+    got = module(x, padding_mask=padding, global_mask=glob)
+    expected = brute_force(module, x, padding, glob)
+    real = torch.ones(2, t, dtype=torch.bool) if padding is None else padding
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
+
+
+def test_empty_global_mask_equals_no_global_mask_with_gradients():
+    module = make(4, [1, 2, 1, 2])
+    x, padding, _ = inputs(2, 11, pad_from=8)
+    x.requires_grad_(True)
+    a = module(x, padding_mask=padding)
+    b = module(x, padding_mask=padding, global_mask=torch.zeros(2, 11, dtype=torch.bool))
+    torch.testing.assert_close(a, b)
+    (grad_a,) = torch.autograd.grad(a[padding].sum(), x)
+    (grad_b,) = torch.autograd.grad(b[padding].sum(), x)
+    torch.testing.assert_close(grad_a, grad_b)
+
+
+def test_gradients_match_brute_force():
+    module = make(6, [1, 3, 1, 2], causal=False)
+    x, padding, glob = inputs(2, 17, pad_from=12, global_at=[(0, 0), (1, 9)])
+    grads = []
+    for fn in (lambda: module(x, padding_mask=padding, global_mask=glob),
+               lambda: brute_force(module, x, padding, glob)):
+        module.zero_grad()
+        fn()[padding].pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in module.parameters()])
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_padding_never_changes_real_outputs():
+    module = make(4, [1, 2, 1, 3])
+    x, _, glob = inputs(1, 10, global_at=[(0, 3)])
+    alone = module(x, global_mask=glob)
+    junk = torch.randn(1, 7, HIDDEN) * 100
+    padded = torch.cat([x, junk], dim=1)
+    mask = torch.zeros(1, 17, dtype=torch.bool)
+    mask[:, :10] = True
+    glob_padded = torch.cat([glob, torch.ones(1, 7, dtype=torch.bool)], dim=1)  # global flags on padding: ignored
+    out = module(padded, padding_mask=mask, global_mask=glob_padded)
+    torch.testing.assert_close(out[:, :10], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_no_quadratic_tensor_is_saved_for_backward():
+    """Training memory is linear: nothing kept for the backward pass has T * T elements."""
+    t = 1024
+    module = SlidingWindowSelfAttention(16, 2, window=16, dilation=[1, 4])
+    x = torch.randn(1, t, 16, requires_grad=True)
+    glob = torch.zeros(1, t, dtype=torch.bool)
+    glob[0, [0, 500]] = True
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: sizes.append(s.numel()) or s, lambda s: s):
+        module(x, global_mask=glob).sum().backward()
+    assert max(sizes) < t * t // 8, max(sizes)
+
+
+@pytest.mark.parametrize("dilation,global_at", [(1, ()), ([1, 2, 3, 1], [(0, 1), (1, 0)])])
+def test_cached_decoding_equals_full_pass(dilation, global_at):
+    module = make(4, dilation, causal=True)
+    x, padding, glob = inputs(2, 14, global_at=global_at)
+    padding = torch.ones(2, 14, dtype=torch.bool)
+    padding[1, :2] = False  # left padding
+    full = module(x, padding_mask=padding, global_mask=glob)
+    cache = LayerStateCache()
+    prompt = 5
+    outs = [module(x[:, :prompt], padding_mask=padding[:, :prompt], cache=cache,
+                   global_mask=None if glob is None else glob[:, :prompt])]
+    for i in range(prompt, 14):
+        outs.append(module(x[:, i:i + 1], padding_mask=padding[:, :i + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(outs, dim=1)[padding], full[padding], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="Global attention on new tokens"):
+        module(x[:, :1], cache=cache, global_mask=torch.ones(2, 1, dtype=torch.bool))
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="`window`=5"):
+        SlidingWindowSelfAttention(HIDDEN, HEADS, window=5)
+    with pytest.raises(ValueError, match="`dilation`"):
+        SlidingWindowSelfAttention(HIDDEN, HEADS, window=4, dilation=[1, 2])
