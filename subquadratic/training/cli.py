@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import TrainConfig, load_config, preset_names
@@ -44,6 +45,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write(f"subquadratic-train: error: {e}\n")
         raise SystemExit(2) from e
     run.run()
+    if run.accelerator.is_main_process and cfg.task == "causal_lm" and cfg.sample_prompt:
+        print(sample(os.path.join(cfg.output_dir, "model"), cfg.sample_prompt))
+
+
+def sample(folder: str, prompt: str, max_new_tokens: int = 120) -> str:
+    """Reloads a saved folder through the Auto classes, as a user would, and continues ``prompt``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=10,
+                         pad_token_id=tokenizer.pad_token_id)
+    return f"sample from {folder} (reloaded with AutoModelForCausalLM):\n{tokenizer.decode(out[0])}"
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ class TrainConfig:
         trackers: accelerate trackers (`tensorboard`, `wandb`, ...); metrics also go to `metrics.jsonl`.
         fsdp: shard parameters with FSDP instead of DDP (multi-GPU).
         num_workers: DataLoader workers.
+        sample_prompt: for causal models, reload the saved folder with `AutoModelForCausalLM.from_pretrained`
+            at the end and print a continuation of this prompt (None: skip).
     """
 
     model_type: str = "reformer_lm"
@@ -93,6 +95,7 @@ class TrainConfig:
     trackers: list = field(default_factory=lambda: ["tensorboard"])
     fsdp: bool = False
     num_workers: int = 0
+    sample_prompt: str | None = "ROMEO:\n"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # YAML reads "3e-4" as a string; numbers given as text are converted

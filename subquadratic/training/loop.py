@@ -231,7 +231,9 @@ class Run:
     def run(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         os.makedirs(cfg.output_dir, exist_ok=True)
-        acc.init_trackers("subquadratic", config={k: v for k, v in vars(cfg).items() if not isinstance(v, dict)})
+        # trackers take scalars and strings only (TensorBoard's hparams refuse None and lists)
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in vars(cfg).items()}
+        acc.init_trackers("subquadratic", config=hparams)
         resume_from = latest_checkpoint(cfg.output_dir) if cfg.resume else None
         if resume_from:
             acc.load_state(resume_from)

@@ -53,6 +53,17 @@ ARCHITECTURE_SKIP = {"architectures", "auto_map", "id2label", "label2id", "trans
                      "torch_dtype", "model_type", "output_hidden_states", "return_dict"}
 
 
+def card_template(name: str) -> str:
+    """A template from `model_cards/`: installed as `subquadratic.model_cards`, or read from the repository root
+    when the package runs from a source checkout that was not installed."""
+    try:
+        return resources.files("subquadratic.model_cards").joinpath(name).read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(os.path.join(root, "model_cards", name), encoding="utf-8") as f:
+            return f.read()
+
+
 def build_model_card(config, *, task: str, dataset: str, metrics: dict[str, float],
                      training_description: str, training_settings: dict | None = None,
                      repo_id: str | None = None) -> ModelCard:
@@ -72,7 +83,7 @@ def build_model_card(config, *, task: str, dataset: str, metrics: dict[str, floa
                               pipeline_tag=TASK_TYPES[task], eval_results=eval_results or None,
                               model_name=repo_id or info["name"])
     architecture = {k: v for k, v in config.to_diff_dict().items() if k not in ARCHITECTURE_SKIP}
-    template = resources.files("subquadratic.model_cards").joinpath("default.md").read_text(encoding="utf-8")
+    template = card_template("default.md")
     return ModelCard.from_template(
         card_data, template_str=template, model_name=repo_id or info["name"],
         summary=f"A {info['name']} trained for {task.replace('_', ' ')} on {dataset}.",
