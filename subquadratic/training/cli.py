@@ -57,6 +57,9 @@ def sample(folder: str, prompt: str, max_new_tokens: int = 120) -> str:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None:  # the model refuses longer sequences
+        max_new_tokens = max(0, min(max_new_tokens, limit - ids.shape[1]))
     torch.manual_seed(0)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=10,
                          pad_token_id=tokenizer.pad_token_id)

@@ -24,7 +24,8 @@ class TrainConfig:
     """Everything a training run reads.
 
     Attributes:
-        model_type: a `model_type` of the package (`reformer_lm`, `longformer_style`, `linformer_encoder`).
+        model_type: a `model_type` of the package (`reformer_lm`, `longformer_style`, `linformer_encoder`), or
+            of `transformers` (e.g. `gpt2`, as a full-attention baseline).
         model: fields of that model's config (see its class, e.g. `help(subquadratic.ReformerLMConfig)`);
             `vocab_size` and `is_decoder` are set from the data and the task.
         init_from: a `save_pretrained` folder (or hub name) to start from instead of fresh weights.
@@ -45,6 +46,8 @@ class TrainConfig:
         mixed_precision: `no`, `bf16` or `fp16` (autocast through accelerate).
         seed: seeds weights, data order and masking.
         max_steps: optimizer steps.
+        max_minutes: also stop after this much wall-clock time from the first step (evaluations during training
+            included); the schedule still spans max_steps (for comparisons at equal compute). None: no limit.
         log_every: steps between log lines (progress bar, JSON lines, trackers).
         eval_every: steps between evaluations on (the first `eval_tokens` of) the validation split (0: only at the end).
         eval_tokens: tokens of the validation split used by the evaluations during training (0: all).
@@ -83,6 +86,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     seed: int = 0
     max_steps: int = 1000
+    max_minutes: float | None = None
     log_every: int = 10
     eval_every: int = 0
     eval_tokens: int = 65536
@@ -105,6 +109,9 @@ class TrainConfig:
                     setattr(self, f.name, float(value))
                 except ValueError:
                     raise ValueError(f"training config `{f.name}`={value!r} is not valid: expected a number") from None
+
+        if self.mixed_precision is False:  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
 
         def check(ok, name, allowed):
             if not ok:

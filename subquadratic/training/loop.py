@@ -64,8 +64,11 @@ def build_model(cfg: TrainConfig, corpus: Corpus):
     if cfg.init_from:
         model = auto.from_pretrained(cfg.init_from)
     else:
-        if cfg.model_type not in known_model_types():
-            raise ValueError(f"unknown model_type {cfg.model_type!r}; this package has {known_model_types()}")
+        try:
+            AutoConfig.for_model(cfg.model_type)
+        except ValueError:
+            raise ValueError(f"unknown model_type {cfg.model_type!r}; this package has {known_model_types()} "
+                             "(model types of transformers work too)") from None
         fields = dict(cfg.model)
         if fields.get("is_decoder", causal) != causal:
             raise ValueError(f"model.is_decoder={fields['is_decoder']} contradicts task={cfg.task!r} "
@@ -245,7 +248,8 @@ class Run:
         self.model.train()
         window_loss, window_steps, window_start = 0.0, 0, time.time()
         metrics: dict = {}
-        while self.state.step < cfg.max_steps:
+        deadline = None if cfg.max_minutes is None else time.time() + 60 * cfg.max_minutes
+        while self.state.step < cfg.max_steps and not self.out_of_time(deadline):
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
                 with acc.accumulate(self.model):
@@ -287,6 +291,13 @@ class Run:
         acc.end_training()
         acc.print(f"saved {folder}; final metrics {json.dumps(final)}")
         return {**metrics, **final}
+
+    def out_of_time(self, deadline: float | None) -> bool:
+        """Whether the wall-clock budget is spent, decided by the main process so that all stop together."""
+        if deadline is None:
+            return False
+        flag = torch.tensor(float(time.time() > deadline), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, "max").item())
 
     def evaluate_on_main(self, unwrapped, split: str, max_tokens: int) -> dict:
         """Evaluation on the main process (with FSDP every process runs it, since each forward pass gathers the

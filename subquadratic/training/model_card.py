@@ -69,7 +69,9 @@ def build_model_card(config, *, task: str, dataset: str, metrics: dict[str, floa
                      repo_id: str | None = None) -> ModelCard:
     """A card for a model of the package. ``metrics`` maps "split/metric" (e.g. "test/bpc") to measured values;
     they go into the `model-index` metadata and the results table."""
-    info = MODELS[config.model_type]
+    info = MODELS.get(config.model_type, dict(  # a transformers model trained as a baseline
+        name=config.model_type, mechanism="full softmax attention", paper="see the `transformers` documentation.",
+        citation="", limitations="Full attention: time and memory grow quadratically with the sequence length."))
     results, eval_results = [], []
     for key, value in sorted(metrics.items()):
         split, _, metric = key.partition("/")

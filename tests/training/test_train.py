@@ -127,6 +127,7 @@ def test_bad_config_keys_and_values_are_clear():
         load_config(None, ["--lerning_rate", "1e-3"])
     with pytest.raises(ValueError, match="`task`='lm'"):
         load_config(None, ["--task", "lm"])
+    assert load_config(None, ["--mixed_precision", "no"]).mixed_precision == "no"  # YAML's bare `no` is false
     with pytest.raises(FileNotFoundError, match="neither a file nor a preset"):
         load_config("no-such-preset")
     result = cli(["--dataset", "text", "--data_path", "/nonexistent/x.txt", "--trackers", "[]"])

@@ -1,0 +1,88 @@
+"""Keeps `benchmarks/gpu_speed.py` from rotting: its `--quick` smoke run on CPU (tiny sizes) writes the JSON it
+promises, and without a GPU a full run exits cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_speed.py"
+CONTENDERS = ["ours-reformer", "ours-longformer", "ours-longformer-global", "ours-longformer-dilated",
+              "ours-linformer", "hf-reformer", "hf-longformer", "sdpa-full", "sdpa-full-causal", "flex-sliding",
+              "pkg-reformer-pytorch", "pkg-linformer", "pkg-local-attention"]
+ALWAYS_RUN = [c for c in CONTENDERS if not c.startswith(("pkg-", "flex-"))]  # need nothing beyond the package
+ROW_FIELDS = {"contender", "length", "dtype", "mode", "status", "tokens_per_s", "median_s", "times_s",
+              "first_step_s", "peak_gib", "parameters", "first_loss", "repeats"}
+
+
+def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpu_speed") / "quick.json"
+    markdown = path.with_suffix(".md")
+    out = _run("--quick", "--lengths", "256", "--dtypes", "bf16", "--modes", "train", "eval", "--json", str(path),
+               "--markdown", str(markdown))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return json.loads(path.read_text()), out.stdout, markdown.read_text()
+
+
+def test_quick_writes_one_row_per_case(quick):
+    data, _, _ = quick
+    cases = {(r["contender"], r["length"], r["dtype"], r["mode"]) for r in data["rows"]}
+    assert len(cases) == len(data["rows"]) == len(CONTENDERS) * 2
+    assert cases == {(c, 256, "bf16", m) for c in CONTENDERS for m in ("train", "eval")}
+    for row in data["rows"]:
+        assert ROW_FIELDS <= set(row), row
+
+
+def test_quick_rows_are_measured_or_skipped_for_a_reason(quick):
+    data, _, _ = quick
+    cuda = torch.cuda.is_available()
+    for row in data["rows"]:
+        status = row["status"]
+        if row["contender"] in ALWAYS_RUN or (cuda and row["contender"] == "flex-sliding"):
+            assert status == "ok", row
+        elif row["contender"] == "flex-sliding":
+            assert status == "skipped (needs CUDA)", row
+        else:
+            assert status in ("ok", "skipped (not installed)"), row
+        if status == "ok":
+            assert row["tokens_per_s"] > 0 and row["median_s"] > 0 and row["first_step_s"] > 0, row
+            assert row["repeats"] == len(row["times_s"]) == 1 and row["parameters"] > 0, row
+            assert 4.0 < row["first_loss"] < 7.0, row  # cross-entropy of an untrained model over 256 tokens
+            assert (row["peak_gib"] is not None) == cuda, row
+        else:
+            assert row["tokens_per_s"] is None and row["times_s"] == [], row
+
+
+def test_quick_reports_environment_ratios_and_crossover(quick):
+    data, stdout, markdown = quick
+    env = data["environment"]
+    assert env["quick"] and env["size"]["layers"] == 2 and env["command"].startswith("python ")
+    assert {"device", "torch", "transformers", "date"} <= set(env)
+    by_model = {(e["model"], e["mode"]): e for e in data["ratios"]}
+    assert by_model["ours-reformer", "train"]["vs"]["hf"]["contender"] == "hf-reformer"
+    assert isinstance(by_model["ours-longformer", "eval"]["vs"]["sdpa"]["ratio"], float)
+    assert data["crossover"]["ours-linformer"]["vs"] == "sdpa-full"
+    assert data["crossover"]["ours-reformer"]["vs"] == "sdpa-full-causal"
+    assert markdown.strip() and markdown.strip() in stdout  # the report is what the run ends with
+    assert stdout.rstrip().endswith(markdown.strip().splitlines()[-1])
+    assert "| ours-reformer | 256 | bf16 | train |" in markdown and "crossover (train bf16)" in markdown
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_without_gpu_a_full_run_exits_cleanly():
+    out = _run("--lengths", "1024")
+    assert out.returncode == 0 and "no CUDA GPU" in out.stdout, out.stdout + out.stderr
