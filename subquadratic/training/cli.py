@@ -37,14 +37,19 @@ def main(argv: list[str] | None = None) -> None:
         cfg = load_config(source, overrides + [a for a in argv if a not in ("-h", "--help")])
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"subquadratic-train: error: {e}\n")
+    from .hub import HubError
     from .loop import Run  # heavy imports only once the config is known to be good
 
     try:
-        run = Run(cfg)  # data, model and batch checks: every bad input fails here, before training
-    except (ValueError, FileNotFoundError) as e:
+        run = Run(cfg)  # data, model, batch and hub checks: every bad input fails here, before training
+    except (ValueError, FileNotFoundError, HubError) as e:
         sys.stderr.write(f"subquadratic-train: error: {e}\n")
-        raise SystemExit(2) from e
-    run.run()
+        raise SystemExit(2) from None
+    try:
+        run.run()
+    except HubError as e:  # trained and saved; only the upload failed
+        sys.stderr.write(f"subquadratic-train: error: {e}\n")
+        raise SystemExit(1) from None
     if run.accelerator.is_main_process and cfg.task == "causal_lm" and cfg.sample_prompt:
         print(sample(os.path.join(cfg.output_dir, "model"), cfg.sample_prompt))
 

@@ -60,6 +60,8 @@ class TrainConfig:
         trackers: accelerate trackers (`tensorboard`, `wandb`, ...); metrics also go to `metrics.jsonl`.
         fsdp: shard parameters with FSDP instead of DDP (multi-GPU).
         num_workers: DataLoader workers.
+        push_to_hub: a hub repository id (`user/name`) to upload the `model/` folder to at the end (needs
+            `hf auth login` or HF_TOKEN; checked before training starts).
         sample_prompt: for causal models, reload the saved folder with `AutoModelForCausalLM.from_pretrained`
             at the end and print a continuation of this prompt (None: skip).
     """
@@ -99,6 +101,7 @@ class TrainConfig:
     trackers: list = field(default_factory=lambda: ["tensorboard"])
     fsdp: bool = False
     num_workers: int = 0
+    push_to_hub: str | None = None
     sample_prompt: str | None = "ROMEO:\n"
 
     def __post_init__(self):

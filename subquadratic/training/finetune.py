@@ -33,7 +33,7 @@ The same recipe in Python, step by step:
                       compute_metrics=ft.metrics_function(data.task, data.labels))
     trainer.train()
     metrics = trainer.evaluate(splits["test"], metric_key_prefix="test")   # test_accuracy, test_macro_f1
-    ft.save_finetuned(trainer, "runs/sst2/model", data=data, metrics=ft.card_metrics(metrics), ...)
+    ft.save_finetuned(trainer, "runs/sst2/model", data=data, metrics=ft.card_metrics(metrics))  # + card
 
 or all of it at once: `Finetuning(FinetuneConfig(...), TrainingArguments(...)).run()`.
 
@@ -48,8 +48,10 @@ labelled -1 (GLUE's unlabelled test split) are dropped.
 
 Tokenizer and padding. A checkpoint folder brings its own tokenizer (`AutoTokenizer`); a fresh model uses the
 byte-level `byte_tokenizer()` (ids 0-255 are the bytes, `<mask>`=256, `<pad>`=257) unless `--tokenizer` names a
-folder. Batches are padded on the right with an attention mask: bidirectional models pool the first token;
-causal ones (Reformer-LM with `is_decoder=True`) pool the last real token, which the mask locates. For token
+folder, or is `word` / `bpe` (a vocabulary trained on the training split: a tiny model learns word-level tasks
+like SST-2 from a few thousand examples far faster from words than from bytes). Batches are padded on the right
+with an attention mask: bidirectional models pool the first token; causal ones (Reformer-LM with
+`is_decoder=True`) pool the last real token, which the mask locates. For token
 classification the words are joined with spaces and the tag of a word goes to its first token (the others, and
 the spaces, get -100 and are not scored).
 
@@ -93,11 +95,12 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from ..modeling.auto import CONFIG_CLASSES
 from .model_card import build_model_card, write_model_card
-from .tokenizer import byte_tokenizer
+from .tokenizer import TOKENIZER_KINDS, byte_tokenizer, train_tokenizer
 
 TASKS = ("sequence_classification", "token_classification")
 AUTO_MODELS = {"sequence_classification": AutoModelForSequenceClassification,
@@ -125,12 +128,11 @@ class HubDataset:
 
 
 _SST2 = HubDataset("nyu-mll/glue", "sst2", {"train": "train", "validation": "validation"}, "sentence", "label",
-                   "glue")
+                   "nyu-mll/glue")
 _AG_NEWS = HubDataset("fancyzhx/ag_news", None, {"train": "train", "test": "test"}, "text", "label",
                       "fancyzhx/ag_news")
 # Short names accepted for `dataset_name`; any other name goes to `datasets.load_dataset` as it is.
-HUB_DATASETS = {"sst2": _SST2, "glue/sst2": _SST2, "nyu-mll/glue/sst2": _SST2, "stanfordnlp/sst2": _SST2,
-                "ag_news": _AG_NEWS, "fancyzhx/ag_news": _AG_NEWS}
+HUB_DATASETS = {"sst2": _SST2, "glue/sst2": _SST2, "ag_news": _AG_NEWS, "fancyzhx/ag_news": _AG_NEWS}
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -149,7 +151,10 @@ class FinetuneConfig:
         "help": "JSON object of config fields for --model_type (vocab_size, pad_token_id and labels are set "
                 "from the tokenizer and the data)"})
     tokenizer: str | None = field(default=None, metadata={
-        "help": "a tokenizer folder (default: the checkpoint's own, or byte-level for a fresh model)"})
+        "help": "a tokenizer folder, or `word` / `bpe` to train one on the training split for a fresh model "
+                "(default: the checkpoint's own, or byte-level for a fresh model)"})
+    tokenizer_vocab_size: int | None = field(default=None, metadata={
+        "help": "vocabulary of a trained `word` (default: every training word) or `bpe` (default 32000) tokenizer"})
     dataset_name: str | None = field(default=None, metadata={
         "help": "a hub data set through `datasets` (glue/sst2, ag_news, or any name with --dataset_config)"})
     dataset_config: str | None = field(default=None, metadata={"help": "the hub data set's config name"})
@@ -166,6 +171,9 @@ class FinetuneConfig:
         "help": "the TSV/CSV files have no header line (AG News); name the columns with --column_names"})
     column_names: str | None = field(default=None, metadata={
         "help": "comma-separated column names for files without a header (default: text,label)"})
+    label_names: str | None = field(default=None, metadata={
+        "help": "comma-separated class names in id order (e.g. negative,positive for SST-2's 0/1); default: the "
+                "data set's names, the integer labels, or the sorted label strings"})
     max_length: int | None = field(default=None, metadata={
         "help": "tokens per example, longer ones are truncated (default: 512, or --pack_documents)"})
     pack_documents: int | None = field(default=None, metadata={
@@ -202,6 +210,8 @@ class FinetuneConfig:
     def parsed_model_config(self) -> dict:
         if not self.model_config:
             return {}
+        if isinstance(self.model_config, dict):  # a mapping given from Python is taken as it is
+            return dict(self.model_config)
         try:
             fields = json.loads(self.model_config)
         except json.JSONDecodeError as e:
@@ -324,15 +334,28 @@ def _as_int(value) -> int | None:
     return None
 
 
-def _label_vocabulary(values: list, names: list[str] | None) -> tuple[list[str], Callable]:
-    """(class names, value -> id). Integer labels keep their numbers (0..max); other labels are sorted names."""
+def _label_vocabulary(values: list, names: list[str] | None, given: list[str] | None = None
+                      ) -> tuple[list[str], Callable]:
+    """(class names, value -> id). Integer labels keep their numbers (0..max); other labels are sorted names, or
+    in the order of ``given`` (the user's class names), which also names integer labels."""
+    ints = [_as_int(v) for v in values]
+    numeric = bool(values) and all(i is not None for i in ints)
+    if numeric and min(ints) < 0:
+        raise ValueError(f"negative labels {sorted({i for i in ints if i < 0})} (other than -1 for unlabelled "
+                         "rows); labels must be class ids >= 0 or class names")
+    if given is not None:
+        if numeric:
+            if len(given) <= max(ints):
+                raise ValueError(f"--label_names gives {len(given)} names but the labels go up to {max(ints)}")
+            return list(given), lambda v: _as_int(v)
+        unknown = sorted({str(v) for v in values} - set(given))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not among --label_names {given}")
+        index = {n: i for i, n in enumerate(given)}
+        return list(given), lambda v: index[str(v)]
     if names is not None:
         return names, lambda v: int(v)
-    ints = [_as_int(v) for v in values]
-    if values and all(i is not None for i in ints):
-        if min(ints) < 0:
-            raise ValueError(f"negative labels {sorted({i for i in ints if i < 0})} (other than -1 for unlabelled "
-                             "rows); labels must be class ids >= 0 or class names")
+    if numeric:
         return [str(i) for i in range(max(ints) + 1)], lambda v: _as_int(v)
     if any(isinstance(v, float) for v in values):
         raise ValueError("the labels are real numbers: regression is not supported, labels must be class ids or "
@@ -350,8 +373,9 @@ def load_task_data(task: str, *, dataset_name: str | None = None, dataset_config
                    train_file: str | None = None, validation_file: str | None = None, test_file: str | None = None,
                    text_column: str | None = None, label_column: str | None = None,
                    tokens_column: str | None = None, tags_column: str | None = None, header: bool = True,
-                   column_names: list[str] | None = None, dataset_id: str | None = None,
-                   max_train_samples: int | None = None, max_eval_samples: int | None = None) -> TaskData:
+                   column_names: list[str] | None = None, label_names: list[str] | None = None,
+                   dataset_id: str | None = None, max_train_samples: int | None = None,
+                   max_eval_samples: int | None = None) -> TaskData:
     """The splits of a classification task, from local files or a hub data set, with normalised columns and
     integer labels (see `TaskData`). Every problem (missing files or columns, no labels) raises here."""
     if task not in TASKS:
@@ -386,13 +410,13 @@ def load_task_data(task: str, *, dataset_name: str | None = None, dataset_config
             text = _pick_column(columns, text_column, TEXT_COLUMNS, "text", "--text_column", where, hint)
             label = _pick_column(columns, label_column, ("label",), "label", "--label_column", where, hint)
             dataset = dataset.select_columns([text, label]).rename_columns({text: "text", label: "label"})
-            keep = [i for i, v in enumerate(dataset["label"]) if not _unlabelled(v)]
+            keep = [i for i, v in enumerate(list(dataset["label"])) if not _unlabelled(v)]
             if len(keep) < len(dataset):
                 dataset = dataset.select(keep)
-            if len(dataset) and not all(isinstance(t, str) for t in dataset["text"]):
+            if len(dataset) and not all(isinstance(t, str) for t in list(dataset["text"])):
                 raise ValueError(f"the text column of {where} holds non-text values")
             names_feature = _label_names(dataset.features["label"])
-            values[split] = dataset["label"]
+            values[split] = list(dataset["label"])
         else:
             words = _pick_column(columns, tokens_column, ("tokens", "words"), "tokens", "--tokens_column", where,
                                  hint)
@@ -404,7 +428,7 @@ def load_task_data(task: str, *, dataset_name: str | None = None, dataset_config
                 if len(row["tokens"]) != len(row["tags"]):
                     raise ValueError(f"{where}, row {i}: {len(row['tokens'])} tokens but {len(row['tags'])} tags")
             names_feature = _label_names(dataset.features["tags"])
-            values[split] = [t for row in dataset["tags"] for t in row]
+            values[split] = [t for row in list(dataset["tags"]) for t in row]
         names_from_features = names_from_features or names_feature
         limit = max_train_samples if split == "train" else max_eval_samples
         if limit is not None and len(dataset) > limit:
@@ -414,16 +438,14 @@ def load_task_data(task: str, *, dataset_name: str | None = None, dataset_config
                 raise ValueError(f"{where} has no labelled rows")
             continue
         splits[split] = dataset
-    labels, to_id = _label_vocabulary([v for vs in values.values() for v in vs], names_from_features)
+    labels, to_id = _label_vocabulary([v for vs in values.values() for v in vs], names_from_features, label_names)
     if len(labels) < 2:
         raise ValueError(f"the data has {len(labels)} class(es) ({labels}); classification needs at least two")
+    column = "label" if task == "sequence_classification" else "tags"
     for split, dataset in splits.items():
-        if task == "sequence_classification":
-            splits[split] = dataset.map(lambda b: {"label": [to_id(v) for v in b["label"]]}, batched=True,
-                                        desc=None)
-        else:
-            splits[split] = dataset.map(lambda b: {"tags": [[to_id(v) for v in row] for row in b["tags"]]},
-                                        batched=True, desc=None)
+        ids = ([to_id(v) for v in dataset[column]] if column == "label" else
+               [[to_id(v) for v in row] for row in dataset[column]])
+        splits[split] = dataset.remove_columns(column).add_column(column, ids)
     return TaskData(task=task, splits=splits, labels=labels, name=name, source=source)
 
 
@@ -461,7 +483,7 @@ def pack_documents(dataset, tokenizer: PreTrainedTokenizerBase, length: int, *, 
     from datasets import Dataset
 
     budget = length - tokenizer.num_special_tokens_to_add(pair=False)
-    texts, labels = dataset["text"], dataset["label"]
+    texts, labels = list(dataset["text"]), list(dataset["label"])
     sizes = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     sep = len(tokenizer(separator, add_special_tokens=False)["input_ids"])
     rng = random.Random(seed)
@@ -505,13 +527,22 @@ def check_checkpoint(path: str) -> None:
                          "`subquadratic-train` has them in output_dir/model")
 
 
-def load_tokenizer(model: str | None = None, tokenizer: str | None = None) -> PreTrainedTokenizerBase:
-    """`tokenizer` if given, else the checkpoint's own tokenizer, else (fresh model) the byte-level one. Padding
-    goes on the right (causal models pool the last real token, found through the attention mask)."""
-    source = tokenizer or model
-    if source is None:
+def load_tokenizer(model: str | None = None, tokenizer: str | None = None, *, texts: list[str] | None = None,
+                   vocab_size: int | None = None) -> PreTrainedTokenizerBase:
+    """`tokenizer` if given (a folder or hub name; or `word` / `bpe`: trained on ``texts``, the training split,
+    for a fresh model), else the checkpoint's own tokenizer, else (fresh model) the byte-level one. Padding goes
+    on the right (causal models pool the last real token, found through the attention mask)."""
+    if tokenizer in TOKENIZER_KINDS and not os.path.isdir(tokenizer):
+        if model is not None:
+            raise ValueError(f"--tokenizer {tokenizer} trains a new vocabulary, which only a fresh --model_type can "
+                             f"use; the checkpoint {model!r} brings its own tokenizer")
+        if not texts:
+            raise ValueError(f"--tokenizer {tokenizer} needs the training texts to learn a vocabulary from")
+        tok = train_tokenizer(texts, kind=tokenizer, vocab_size=vocab_size)
+    elif tokenizer is None and model is None:
         tok = byte_tokenizer()
     else:
+        source = tokenizer or model
         if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in
                                              ("tokenizer.json", "tokenizer_config.json")):
             flag = "--tokenizer" if tokenizer else "--model"
@@ -523,11 +554,19 @@ def load_tokenizer(model: str | None = None, tokenizer: str | None = None) -> Pr
             raise ValueError(f"cannot load a tokenizer from {source!r}: {str(e).strip().splitlines()[0]}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(f"the tokenizer from {source!r} has no padding token (nor an end-of-sequence token to "
-                             "pad with)")
+            raise ValueError(f"the tokenizer from {tokenizer or model!r} has no padding token (nor an "
+                             "end-of-sequence token to pad with)")
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     return tok
+
+
+def training_texts(data: TaskData) -> list[str]:
+    """The texts of the training split as the tokenizer sees them (words joined with spaces for tagging)."""
+    train = data.splits["train"]
+    if data.task == "sequence_classification":
+        return list(train["text"])
+    return [" ".join(words) for words in train["tokens"]]
 
 
 def max_input_length(config) -> int | None:
@@ -535,12 +574,19 @@ def max_input_length(config) -> int | None:
     return getattr(config, "max_sequence_length", None) or getattr(config, "max_position_embeddings", None)
 
 
-def _check_head(task: str, config, what: str) -> None:
+def _check_head(task: str, config_class: type, what: str) -> None:
     auto = AUTO_MODELS[task]
-    if type(config) not in auto._model_mapping:
+    if config_class not in auto._model_mapping:
         have = sorted(c.model_type for c in CONFIG_CLASSES.values() if c in auto._model_mapping)
-        raise ValueError(f"{what} (model_type {config.model_type!r}) has no {task.replace('_', '-')} head; model "
-                         f"types with one: {', '.join(have)}")
+        raise ValueError(f"{what} (model_type {config_class.model_type!r}) has no {task.replace('_', '-')} head; "
+                         f"model types with one: {', '.join(have)}")
+
+
+def config_class_of(model_type: str) -> type:
+    for config_class in CONFIG_CLASSES.values():
+        if config_class.model_type == model_type:
+            return config_class
+    raise ValueError(f"unknown model_type {model_type!r}; this package has {', '.join(known_model_types())}")
 
 
 def _check_length(config, max_length: int) -> None:
@@ -570,15 +616,14 @@ def load_model(task: str, labels: list[str], tokenizer: PreTrainedTokenizerBase,
         if config.model_type not in known_model_types():
             raise ValueError(f"--model {model!r} is a {config.model_type!r} model, not one of this package "
                              f"({', '.join(known_model_types())})")
-        _check_head(task, config, f"--model {model!r}")
+        _check_head(task, type(config), f"--model {model!r}")
         _check_length(config, max_length)
         net = auto.from_pretrained(model, num_labels=len(labels), id2label=id2label, label2id=label2id,
                                    ignore_mismatched_sizes=True)
         if net.config.vocab_size < len(tokenizer):  # e.g. a byte-level LM (256) and <mask>/<pad> (258)
             net.resize_token_embeddings(len(tokenizer))
         return net
-    if model_type not in known_model_types():
-        raise ValueError(f"unknown model_type {model_type!r}; this package has {', '.join(known_model_types())}")
+    _check_head(task, config_class_of(model_type), f"model_type {model_type!r}")
     fields = dict(model_config or {})
     fields.setdefault("vocab_size", len(tokenizer))
     if fields["vocab_size"] < len(tokenizer):
@@ -590,7 +635,6 @@ def load_model(task: str, labels: list[str], tokenizer: PreTrainedTokenizerBase,
         config = AutoConfig.for_model(model_type, **fields)
     except (TypeError, ValueError) as e:
         raise ValueError(f"--model_config for {model_type!r}: {e}") from None
-    _check_head(task, config, f"model_type {model_type!r}")
     _check_length(config, max_length)
     return auto.from_config(config)
 
@@ -755,12 +799,17 @@ CARD_SETTINGS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_t
 
 
 def save_finetuned(trainer: Trainer, folder: str, *, data: TaskData, metrics: dict[str, float],
-                   description: str, settings: dict | None = None, repo_id: str | None = None,
+                   description: str = "", settings: dict | None = None, repo_id: str | None = None,
                    base_model: str | None = None, results: dict | None = None) -> str:
     """`trainer.save_model` (safetensors, config with `auto_map`, the code for `trust_remote_code`, tokenizer),
-    then a README.md model card with the measured ``metrics`` and `all_results.json`."""
+    then a README.md model card with the measured ``metrics`` ("split/metric", see `card_metrics`) and
+    `all_results.json`. Call it on every process: Trainer decides which one writes."""
     trainer.save_model(folder)
+    if not trainer.is_world_process_zero():
+        return folder
     model = trainer.model
+    description = description or (f"Fine-tuned with `transformers.Trainer` for {trainer.state.global_step} "
+                                  f"optimizer steps on {data.summary()}.")
     card = build_model_card(model.config, task=data.task, dataset=data.name, metrics=metrics,
                             training_description=description, training_settings=settings, repo_id=repo_id)
     card.data.tags = [*card.data.tags, "fine-tuned", data.task.replace("_", "-")]
@@ -772,12 +821,16 @@ def save_finetuned(trainer: Trainer, folder: str, *, data: TaskData, metrics: di
     return folder
 
 
-def describe_training(cfg: FinetuneConfig, data: TaskData, args: TrainingArguments, steps: int,
-                      baseline: dict[str, float], counts: dict[str, int]) -> str:
+def describe_training(cfg: FinetuneConfig, data: TaskData, steps: int, baseline: dict[str, float],
+                      counts: dict[str, int]) -> str:
     start = (f"the checkpoint `{cfg.model}`" if cfg.model else
              f"fresh weights (a new `{cfg.model_type}` config)")
-    tokenizer = (f"the tokenizer of `{cfg.tokenizer}`" if cfg.tokenizer else
-                 "the checkpoint's tokenizer" if cfg.model else "the byte-level tokenizer (one id per UTF-8 byte)")
+    if cfg.tokenizer in TOKENIZER_KINDS:
+        tokenizer = f"a {cfg.tokenizer}-level tokenizer trained on the training split"
+    elif cfg.tokenizer:
+        tokenizer = f"the tokenizer of `{cfg.tokenizer}`"
+    else:
+        tokenizer = "the checkpoint's tokenizer" if cfg.model else "the byte-level tokenizer (one id per UTF-8 byte)"
     lines = [f"Fine-tuned from {start} with `transformers.Trainer` (`subquadratic-finetune`) for {steps} optimizer "
              f"steps, on {data.summary()}.",
              "",
@@ -808,25 +861,25 @@ class Finetuning:
 
             check_push_ready(cfg.push_to_hub)
         fields = cfg.parsed_model_config()
-        if cfg.model_type is not None:
-            if cfg.task == "token_classification":  # fail on the head before reading any data
-                config_class = next((c for c in CONFIG_CLASSES.values() if c.model_type == cfg.model_type), None)
-                if config_class is not None and config_class not in AUTO_MODELS[cfg.task]._model_mapping:
-                    _check_head(cfg.task, config_class(), f"model_type {cfg.model_type!r}")
+        if cfg.model_type is not None:  # an unknown type or a missing head fails before any data is read
+            _check_head(cfg.task, config_class_of(cfg.model_type), f"model_type {cfg.model_type!r}")
         elif cfg.model is not None:
             check_checkpoint(cfg.model)
         columns = [c.strip() for c in cfg.column_names.split(",")] if cfg.column_names else None
+        label_names = [c.strip() for c in cfg.label_names.split(",")] if cfg.label_names else None
         self.data = load_task_data(
             cfg.task, dataset_name=cfg.dataset_name, dataset_config=cfg.dataset_config, train_file=cfg.train_file,
             validation_file=cfg.validation_file, test_file=cfg.test_file, text_column=cfg.text_column,
             label_column=cfg.label_column, tokens_column=cfg.tokens_column, tags_column=cfg.tags_column,
-            header=not cfg.no_header, column_names=columns, dataset_id=cfg.dataset_id,
+            header=not cfg.no_header, column_names=columns, label_names=label_names, dataset_id=cfg.dataset_id,
             max_train_samples=cfg.max_train_samples, max_eval_samples=cfg.max_eval_samples)
-        self.tokenizer = load_tokenizer(cfg.model, cfg.tokenizer)
+        texts = training_texts(self.data) if cfg.tokenizer in TOKENIZER_KINDS else None
+        self.tokenizer = load_tokenizer(cfg.model, cfg.tokenizer, texts=texts,
+                                        vocab_size=cfg.tokenizer_vocab_size)
         self.tokenizer.model_max_length = max_length
+        set_seed(args.seed)  # fresh weights and heads from the run's seed (Trainer seeds only after they exist)
         self.model = load_model(cfg.task, self.data.labels, self.tokenizer, model=cfg.model,
-                                model_type=cfg.model_type,
-                                model_config=fields, max_length=max_length)
+                                model_type=cfg.model_type, model_config=fields, max_length=max_length)
         self.splits = tokenize(self.data, self.tokenizer, max_length, cfg.pack_documents, seed=args.seed)
         self.trainer = Trainer(
             model=self.model, args=args, train_dataset=self.splits["train"],
@@ -837,9 +890,9 @@ class Finetuning:
     def baselines(self) -> dict[str, float]:
         if self.data.task != "sequence_classification":
             return {}
-        train = self.splits["train"]["labels"]
-        return {split: majority_accuracy(train, self.splits[split]["labels"]) for split in ("validation", "test")
-                if split in self.splits}
+        train = list(self.splits["train"]["labels"])
+        return {split: majority_accuracy(train, list(self.splits[split]["labels"]))
+                for split in ("validation", "test") if split in self.splits}
 
     def run(self) -> dict:
         cfg, trainer = self.cfg, self.trainer
@@ -851,20 +904,18 @@ class Finetuning:
         baseline = self.baselines()
         results.update({f"{'eval' if s == 'validation' else s}_majority_accuracy": v for s, v in baseline.items()})
         metrics = card_metrics(results)
-        settings = {k: getattr(self.args, k) for k in CARD_SETTINGS}
+        settings = {k: getattr(getattr(self.args, k), "value", getattr(self.args, k)) for k in CARD_SETTINGS}
         settings.update(max_length=cfg.effective_max_length(), pack_documents=cfg.pack_documents,
                         optimizer_steps=trainer.state.global_step)
         counts = {s: len(d) for s, d in self.splits.items()}
-        description = describe_training(cfg, self.data, self.args, trainer.state.global_step, baseline, counts)
+        description = describe_training(cfg, self.data, trainer.state.global_step, baseline, counts)
         folder = os.path.join(self.args.output_dir, "model")
-        if trainer.is_world_process_zero():
-            save_finetuned(trainer, folder, data=self.data, metrics=metrics, description=description,
-                           settings=settings, repo_id=cfg.push_to_hub, base_model=cfg.model,
-                           results=_json_safe(results))
-            if cfg.push_to_hub:
-                from .hub import push_folder
+        save_finetuned(trainer, folder, data=self.data, metrics=metrics, description=description,
+                       settings=settings, repo_id=cfg.push_to_hub, base_model=cfg.model, results=_json_safe(results))
+        if cfg.push_to_hub and trainer.is_world_process_zero():
+            from .hub import push_folder
 
-                results["hub_url"] = push_folder(folder, cfg.push_to_hub, private=cfg.hub_private)
+            results["hub_url"] = push_folder(folder, cfg.push_to_hub, private=cfg.hub_private)
         results["model_folder"] = folder
         return results
 

@@ -21,6 +21,7 @@ from .checkpoints import checkpoint_dir, latest_checkpoint, prune, publish, temp
 from .config import TrainConfig
 from .data import Corpus, PackedBlocks, ResumableSampler, load_corpus, mlm_collator
 from .evaluation import bits_per_character, causal_lm_nll, masked_lm_metrics, perplexity_per_word
+from .hub import check_push_ready, push_folder
 from .model_card import build_model_card, write_model_card
 from .tokenizer import byte_tokenizer
 
@@ -128,6 +129,8 @@ class Run:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        if cfg.push_to_hub:
+            check_push_ready(cfg.push_to_hub)  # no token or offline: an error now, not after training
         plugin = FullyShardedDataParallelPlugin() if cfg.fsdp else None
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # without a GPU, several processes train together on the CPU (gloo)
@@ -221,7 +224,8 @@ class Run:
                            f"({self.state.tokens:,} tokens) on {self.accelerator.num_processes} process(es), "
                            f"{self.accelerator.mixed_precision} mixed precision.")
             card = build_model_card(model.config, task=self.cfg.task, dataset=self.cfg.dataset, metrics=metrics,
-                                    training_description=description, training_settings=settings)
+                                    training_description=description, training_settings=settings,
+                                    repo_id=self.cfg.push_to_hub)
             write_model_card(tmp, card)
             with open(os.path.join(tmp, "train_results.json"), "w", encoding="utf-8") as f:
                 json.dump({"step": self.state.step, "tokens": self.state.tokens, **metrics,
@@ -288,6 +292,8 @@ class Run:
             self.log(final)
         self.save_checkpoint()
         folder = self.save_pretrained(final)
+        if cfg.push_to_hub and acc.is_main_process:
+            acc.print(f"pushed to {push_folder(folder, cfg.push_to_hub)}")
         acc.end_training()
         acc.print(f"saved {folder}; final metrics {json.dumps(final)}")
         return {**metrics, **final}

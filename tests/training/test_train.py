@@ -133,3 +133,14 @@ def test_bad_config_keys_and_values_are_clear():
     result = cli(["--dataset", "text", "--data_path", "/nonexistent/x.txt", "--trackers", "[]"])
     assert result.returncode == 2 and "subquadratic-train: error:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_push_without_a_token_fails_before_training(tmp_path, monkeypatch):
+    from subquadratic.training.hub import HubError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token either
+    cfg = load_config(None, [*SMALL, "--output_dir", str(tmp_path / "run"), "--push_to_hub", "someone/model"])
+    with pytest.raises(HubError, match="hf auth login"):
+        Run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -165,7 +165,7 @@ class LSHSelfAttention(nn.Module):
     def seeded_rotations(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.rotation_seed)
         shape = (self.num_hashes, self.head_size, rotation_width(self.num_buckets))
-        return torch.randn(shape, generator=generator)
+        return torch.randn(shape, generator=generator, device="cpu")  # also under a CUDA default device
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 cache: LayerStateCache | None = None) -> torch.Tensor:
