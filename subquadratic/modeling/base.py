@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -66,3 +67,28 @@ def pad_to_multiple(hidden_states: torch.Tensor, padding_mask: torch.Tensor | No
         padding_mask = torch.ones(hidden_states.shape[0], length, dtype=torch.bool, device=hidden_states.device)
     return hidden_states, nn.functional.pad(padding_mask.bool(), (0, extra), value=False)
 
+
+
+class CallShape(NamedTuple):
+    batch: int
+    length: int  # new tokens of this call
+    past: int  # tokens already in the cache
+    device: torch.device
+    use_cache: bool
+    output_hidden_states: bool
+
+
+def resolve_call(model: PreTrainedModel, input_ids, inputs_embeds, output_hidden_states=None, use_cache=None,
+                 past_key_values=None) -> CallShape:
+    """What every base model's forward settles first: exactly one of ids and embeddings, the config's defaults,
+    and a cache only for causal models outside training."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+    config = model.config
+    source = input_ids if input_ids is not None else inputs_embeds
+    use_cache = getattr(config, "use_cache", False) if use_cache is None else use_cache
+    return CallShape(
+        batch=source.shape[0], length=source.shape[1],
+        past=0 if past_key_values is None else past_key_values.get_seq_length(), device=source.device,
+        use_cache=bool(use_cache and getattr(config, "is_decoder", False) and not model.training),
+        output_hidden_states=config.output_hidden_states if output_hidden_states is None else output_hidden_states)

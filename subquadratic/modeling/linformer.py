@@ -12,7 +12,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from ..configuration.linformer import LinformerConfig
 from .attention.linformer import LinformerSelfAttention, SequenceProjection
-from .base import SubquadraticPreTrainedModel
+from .base import SubquadraticPreTrainedModel, resolve_call
 from .heads import MaskedLMHead, SequenceClassificationHead, TokenClassificationHead
 from .layers.transformer_layer import TransformerEncoderLayer
 
@@ -86,13 +86,10 @@ class LinformerModel(LinformerPreTrainedModel):
                 **kwargs) -> BaseModelOutput:
         """input_ids (B, T) or inputs_embeds (B, T, hidden), T <= max_position_embeddings; attention_mask (B, T),
         1 for real tokens, 0 for padding."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         if self.config.is_decoder:
             raise ValueError("Linformer is bidirectional and cannot run causally: set `is_decoder=False`.")
-        output_hidden_states = (output_hidden_states if output_hidden_states is not None
-                                else self.config.output_hidden_states)
-        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        batch, length, _, _, _, output_hidden_states = resolve_call(self, input_ids, inputs_embeds,
+                                                                    output_hidden_states)
         limit = self.config.max_position_embeddings
         if length > limit:
             raise ValueError(f"Sequence length {length} is longer than this model takes: Linformer's projections "

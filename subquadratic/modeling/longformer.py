@@ -15,7 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..configuration.longformer import LongformerStyleConfig
 from .attention.sliding_window import GlobalTokens, SlidingWindowSelfAttention
-from .base import SubquadraticPreTrainedModel
+from .base import SubquadraticPreTrainedModel, resolve_call
 from .cache import LayerStateCache
 from .heads import (
     CausalLMHead,
@@ -131,15 +131,8 @@ class LongformerStyleModel(LongformerStylePreTrainedModel):
 
         With `use_cache` (causal models, not training) the output carries a `LayerStateCache`; passing it back as
         `past_key_values` with the next tokens decodes incrementally."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        output_hidden_states = (output_hidden_states if output_hidden_states is not None
-                                else self.config.output_hidden_states)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        use_cache = use_cache and self.config.is_decoder and not self.training
-        source = input_ids if input_ids is not None else inputs_embeds
-        batch, length = source.shape[:2]
-        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        batch, length, past, device, use_cache, output_hidden_states = resolve_call(
+            self, input_ids, inputs_embeds, output_hidden_states, use_cache, past_key_values)
         self._check_shapes(batch, length, past, attention_mask, global_attention_mask)
 
         cache = past_key_values if past_key_values is not None else (LayerStateCache() if use_cache else None)
@@ -148,13 +141,13 @@ class LongformerStyleModel(LongformerStylePreTrainedModel):
             count_before = cache.get(POSITION_SLOT, "count")[:, -1:]
         # padding is read from the ids; embeddings carry no padding id, so all of them count
         not_padding = (input_ids.ne(self.config.pad_token_id) if input_ids is not None
-                       else torch.ones(batch, length, dtype=torch.bool, device=source.device))
+                       else torch.ones(batch, length, dtype=torch.bool, device=device))
         positions, count = roberta_position_ids(not_padding, self.config.pad_token_id, count_before)
         hidden = self.embeddings(input_ids, inputs_embeds, positions if position_ids is None else position_ids,
                                  token_type_ids)
 
         padding_mask = None if attention_mask is None else attention_mask.bool()
-        global_mask = self._global_mask(global_attention_mask, batch, length, past, source.device)
+        global_mask = self._global_mask(global_attention_mask, batch, length, past, device)
         if global_mask is not None and not past:  # where the global tokens are, found once for every layer
             global_mask = GlobalTokens(global_mask if padding_mask is None else global_mask & padding_mask)
         all_hidden = [hidden]

@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..configuration.reformer import ReformerLMConfig
 from .attention.local import LocalSelfAttention
 from .attention.lsh import LSHSelfAttention
-from .base import SubquadraticPreTrainedModel, pad_to_multiple
+from .base import SubquadraticPreTrainedModel, pad_to_multiple, resolve_call
 from .cache import LayerStateCache
 from .heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
 from .layers.embeddings import AxialPositionEmbedding
@@ -103,14 +103,8 @@ class ReformerLMModel(ReformerLMPreTrainedModel):
 
         With `use_cache` (causal models, not training) the output carries a `LayerStateCache`; passing it back as
         `past_key_values` with the next tokens decodes incrementally."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        output_hidden_states = (output_hidden_states if output_hidden_states is not None
-                                else self.config.output_hidden_states)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        use_cache = use_cache and self.config.is_decoder and not self.training
-        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        past = 0 if past_key_values is None else past_key_values.get_seq_length()
+        batch, length, past, device, use_cache, output_hidden_states = resolve_call(
+            self, input_ids, inputs_embeds, output_hidden_states, use_cache, past_key_values)
         limit = self.config.max_position_embeddings
         if past + length > limit:
             raise ValueError(f"Sequence length {past + length} is longer than this model takes: lengths 1 to "
@@ -119,7 +113,6 @@ class ReformerLMModel(ReformerLMPreTrainedModel):
         if attention_mask is not None and attention_mask.shape != (batch, past + length):
             raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected "
                              f"{(batch, past + length)} (batch, cached + new tokens).")
-        device = (input_ids if input_ids is not None else inputs_embeds).device
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=device).expand(batch, -1)
         hidden = self.embeddings(input_ids, inputs_embeds, position_ids)

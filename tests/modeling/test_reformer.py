@@ -266,3 +266,11 @@ def test_remote_code_loads_without_the_package(tmp_path):
     torch.manual_seed(0)
     check_remote_code(ReformerLMForCausalLM(tiny_config()), "AutoModelForCausalLM", {"input_ids": ids(t=13)},
                       tmp_path)
+
+
+def test_builds_under_another_default_device():
+    """The fixed rotations come from a CPU generator also when the default device is another one (a model built
+    under `with torch.device("cuda")` failed before)."""
+    with torch.device("meta"):
+        model = ReformerLMModel(tiny_config())
+    assert model.layers.f_blocks[1].sublayer.fixed_rotations.device.type == "cpu"
