@@ -57,3 +57,18 @@ def test_module_is_causal():
     y = x.clone()
     y[:, 9:] = 0
     torch.testing.assert_close(attn(x)[:, :9], attn(y)[:, :9])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_covering_chunks_take_the_sdpa_path_with_the_same_numbers(causal, monkeypatch):
+    torch.manual_seed(0)
+    attn = LocalSelfAttention(16, 2, 8, chunk_length=8, chunks_before=2, chunks_after=2, causal=causal).eval()
+    x = torch.randn(2, 24, 16)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[1, 19:] = False
+    assert attn.covers(24) and not attn.covers(32)
+    fast = attn(x, padding_mask=mask)
+    monkeypatch.setattr(LocalSelfAttention, "covers", lambda self, length: False)
+    readable = attn(x, padding_mask=mask)
+    torch.testing.assert_close(fast[0], readable[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1, :19], readable[1, :19], atol=1e-5, rtol=1e-5)

@@ -180,3 +180,21 @@ def test_invalid_arguments():
         SlidingWindowSelfAttention(HIDDEN, HEADS, window=5)
     with pytest.raises(ValueError, match="`dilation`"):
         SlidingWindowSelfAttention(HIDDEN, HEADS, window=4, dilation=[1, 2])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_covering_window_takes_the_sdpa_path_with_the_same_numbers(causal, monkeypatch):
+    """A window that holds the whole sequence is exactly full attention, computed by scaled_dot_product_attention;
+    it must agree with the readable banded path, padding included."""
+    torch.manual_seed(0)
+    attn = SlidingWindowSelfAttention(32, 4, window=64, causal=causal).eval()
+    x = torch.randn(2, 30, 32)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 21:] = False
+    assert attn.covers(30) and not attn.covers(66 if causal else 34)
+    fast = attn(x, padding_mask=mask)
+    monkeypatch.setattr(type(attn), "covers", lambda self, length: False)
+    readable = attn(x, padding_mask=mask)
+    torch.testing.assert_close(fast[0], readable[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast[1, :21], readable[1, :21], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(fast).all()

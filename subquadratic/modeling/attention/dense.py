@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .masking import masked_softmax
+from .masking import MASK_VALUE, masked_softmax
 
 
 def dense_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
@@ -18,3 +18,23 @@ def dense_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, al
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
     probs, lse = masked_softmax(scores, allowed, dropout, self_mask)
     return torch.matmul(probs.to(value.dtype), value), lse
+
+
+def full_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_ok: torch.Tensor | None,
+                causal: bool, dropout_p: float = 0.0) -> torch.Tensor:
+    """Plain softmax attention through `scaled_dot_product_attention` (flash or memory-efficient kernels), for
+    mechanisms whose window covers the whole sequence, where their result is exactly full attention.
+
+    query/key/value (B, H, T, D); key_ok (B, T) bool, True for keys that may be attended. The mask is additive
+    and finite (MASK_VALUE), as in `masked_softmax`, so a query with no allowed key averages instead of giving
+    NaN. Returns (B, H, T, D)."""
+    t = key.shape[2]
+    mask = None
+    if key_ok is not None:
+        mask = torch.zeros(key_ok.shape, dtype=query.dtype, device=query.device).masked_fill(~key_ok, MASK_VALUE)
+        mask = mask[:, None, None, :]  # (B, 1, 1, T)
+    if causal:
+        later = torch.ones(t, t, dtype=torch.bool, device=query.device).triu(1)
+        causal_mask = torch.zeros(t, t, dtype=query.dtype, device=query.device).masked_fill(later, MASK_VALUE)
+        mask = causal_mask if mask is None else mask + causal_mask
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..cache import LayerStateCache
-from .dense import dense_attend
+from .dense import dense_attend, full_attend
 from .masking import merge_heads, split_heads
 
 
@@ -91,6 +91,11 @@ class LocalSelfAttention(nn.Module):
         self.output = nn.Linear(num_heads * head_size, hidden_size, bias=False)
         self.dropout = nn.Dropout(dropout)
 
+    def covers(self, length: int) -> bool:
+        """Whether every chunk attends to the whole sequence of ``length`` tokens (a multiple of the chunk)."""
+        chunks = -(-length // self.chunk_length)
+        return self.chunks_before >= chunks - 1 and (self.causal or self.chunks_after >= chunks - 1)
+
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 cache: LayerStateCache | None = None) -> torch.Tensor:
         """hidden_states (B, T, hidden); padding_mask (B, T_all) bool, True for real tokens, covering the cached
@@ -107,6 +112,10 @@ class LocalSelfAttention(nn.Module):
             if cache is not None:
                 cache.append(self.layer_idx, "key", key, seq_dim=2)
                 cache.append(self.layer_idx, "value", value, seq_dim=2)
-            out = local_attend(query, key, value, self.chunk_length, self.chunks_before, self.chunks_after,
-                               self.causal, padding_mask, self.dropout)
+            if self.covers(query.shape[2]):  # every chunk sees every key: exactly full attention
+                dropout_p = self.dropout.p if self.training else 0.0
+                out = full_attend(query, key, value, padding_mask, self.causal, dropout_p)
+            else:
+                out = local_attend(query, key, value, self.chunk_length, self.chunks_before, self.chunks_after,
+                                   self.causal, padding_mask, self.dropout)
         return self.output(merge_heads(out))

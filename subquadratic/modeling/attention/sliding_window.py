@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..cache import LayerStateCache
-from .dense import dense_attend
+from .dense import dense_attend, full_attend
 from .masking import merge_heads, split_heads
 
 
@@ -153,6 +153,11 @@ class SlidingWindowSelfAttention(nn.Module):
             setattr(self, name, nn.Linear(hidden_size, hidden_size, bias=bias))
         self.dropout = nn.Dropout(dropout)
 
+    def covers(self, length: int) -> bool:
+        """Whether every window holds the whole sequence of ``length`` tokens (no dilation gaps)."""
+        reach = self.window if self.causal else self.window // 2
+        return self.dilation == [1] * self.num_heads and reach >= length - 1
+
     def _window_part(self, query, key, value, key_ok):
         """Window attention of every head, grouped by dilation. Returns (out (B, H, T, D), lse (B, H, T))."""
         if len(self.head_groups) == 1:
@@ -190,6 +195,10 @@ class SlidingWindowSelfAttention(nn.Module):
             is_global = torch.zeros_like(real) if glob is None else glob.mask
             for name, tensor, dim in (("key", key, 2), ("value", value, 2), ("global", is_global, 1)):
                 cache.append(self.layer_idx, name, tensor, seq_dim=dim)
+        if glob is None and self.covers(t):  # the window holds every key: exactly full attention
+            dropout_p = self.dropout.p if self.training else 0.0
+            out = full_attend(query, key, value, None if padding_mask is None else real, self.causal, dropout_p)
+            return self.output(merge_heads(out))
         if glob is None:
             out, _ = self._window_part(query, key, value, real)
             return self.output(merge_heads(out))
