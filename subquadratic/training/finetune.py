@@ -98,7 +98,7 @@ from transformers import (
     set_seed,
 )
 
-from ..modeling.auto import CONFIG_CLASSES
+from ..modeling.auto import CONFIG_CLASSES, has_head, known_model_types
 from .model_card import build_model_card, write_model_card
 from .tokenizer import TOKENIZER_KINDS, byte_tokenizer, train_tokenizer
 
@@ -223,9 +223,6 @@ class FinetuneConfig:
     def effective_max_length(self) -> int:
         return self.pack_documents or self.max_length or 512
 
-
-def known_model_types() -> list[str]:
-    return sorted(cls.model_type for cls in CONFIG_CLASSES.values())
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -575,9 +572,9 @@ def max_input_length(config) -> int | None:
 
 
 def _check_head(task: str, config_class: type, what: str) -> None:
-    auto = AUTO_MODELS[task]
-    if config_class not in auto._model_mapping:
-        have = sorted(c.model_type for c in CONFIG_CLASSES.values() if c in auto._model_mapping)
+    auto_name = AUTO_MODELS[task].__name__
+    if not has_head(config_class, auto_name):
+        have = sorted(c.model_type for c in CONFIG_CLASSES.values() if has_head(c, auto_name))
         raise ValueError(f"{what} (model_type {config_class.model_type!r}) has no {task.replace('_', '-')} head; "
                          f"model types with one: {', '.join(have)}")
 

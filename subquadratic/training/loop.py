@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, get_scheduler
 
-from ..modeling.auto import CONFIG_CLASSES
+from ..modeling.auto import known_model_types
 from .checkpoints import checkpoint_dir, latest_checkpoint, prune, publish, temporary_path
 from .config import TrainConfig
 from .data import Corpus, PackedBlocks, ResumableSampler, load_corpus, mlm_collator
@@ -42,9 +42,6 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
 
-
-def known_model_types() -> list[str]:
-    return sorted(cls.model_type for cls in CONFIG_CLASSES.values())
 
 
 def masking_ids(corpus: Corpus) -> tuple[int, int, list[int]]:
