@@ -79,16 +79,21 @@ class CallShape(NamedTuple):
 
 
 def resolve_call(model: PreTrainedModel, input_ids, inputs_embeds, output_hidden_states=None, use_cache=None,
-                 past_key_values=None) -> CallShape:
-    """What every base model's forward settles first: exactly one of ids and embeddings, the config's defaults,
-    and a cache only for causal models outside training."""
+                 past_key_values=None, attention_mask=None) -> CallShape:
+    """What every base model's forward settles first: exactly one of ids and embeddings, an attention mask that
+    covers the cached and the new tokens, the config's defaults, and a cache only for causal models outside
+    training."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
     config = model.config
     source = input_ids if input_ids is not None else inputs_embeds
+    batch, length = source.shape[:2]
+    past = 0 if past_key_values is None else past_key_values.get_seq_length()
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + length):
+        raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected "
+                         f"{(batch, past + length)} (batch, cached + new tokens).")
     use_cache = getattr(config, "use_cache", False) if use_cache is None else use_cache
     return CallShape(
-        batch=source.shape[0], length=source.shape[1],
-        past=0 if past_key_values is None else past_key_values.get_seq_length(), device=source.device,
+        batch=batch, length=length, past=past, device=source.device,
         use_cache=bool(use_cache and getattr(config, "is_decoder", False) and not model.training),
         output_hidden_states=config.output_hidden_states if output_hidden_states is None else output_hidden_states)

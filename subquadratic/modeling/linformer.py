@@ -88,15 +88,12 @@ class LinformerModel(LinformerPreTrainedModel):
         1 for real tokens, 0 for padding."""
         if self.config.is_decoder:
             raise ValueError("Linformer is bidirectional and cannot run causally: set `is_decoder=False`.")
-        batch, length, _, _, _, output_hidden_states = resolve_call(self, input_ids, inputs_embeds,
-                                                                    output_hidden_states)
+        batch, length, _, device, _, output_hidden_states = resolve_call(
+            self, input_ids, inputs_embeds, output_hidden_states, attention_mask=attention_mask)
         limit = self.config.max_position_embeddings
         if length > limit:
             raise ValueError(f"Sequence length {length} is longer than this model takes: Linformer's projections "
                              f"are built for n = max_position_embeddings = {limit}, so lengths 1 to {limit} work.")
-        if attention_mask is not None and attention_mask.shape != (batch, length):
-            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected {(batch, length)}.")
-        device = (input_ids if input_ids is not None else inputs_embeds).device
         if position_ids is None:
             position_ids = torch.arange(length, device=device).expand(batch, -1)
         padding_mask = None if attention_mask is None else attention_mask.bool()

@@ -96,15 +96,12 @@ class LongformerStyleModel(LongformerStylePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def _check_shapes(self, batch, length, past, attention_mask, global_attention_mask):
+    def _check_shapes(self, batch, length, past, global_attention_mask):
         limit = self.config.max_sequence_length
         if past + length > limit:
             raise ValueError(f"Sequence length {past + length} is longer than this model takes: lengths 1 to {limit} "
                              f"work (max_position_embeddings={self.config.max_position_embeddings} minus "
                              f"pad_token_id + 1, as positions start after the padding index).")
-        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past + length):
-            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected "
-                             f"{(batch, past + length)} (batch, cached + new tokens).")
         if global_attention_mask is not None and tuple(global_attention_mask.shape) != (batch, length):
             raise ValueError(f"`global_attention_mask` has shape {tuple(global_attention_mask.shape)}; expected "
                              f"{(batch, length)} (batch, new tokens), 1 for tokens with global attention.")
@@ -114,9 +111,7 @@ class LongformerStyleModel(LongformerStylePreTrainedModel):
         if global_attention_mask is not None:
             return global_attention_mask.bool()
         if self.config.default_global_attention == "first_token" and past == 0:
-            first = torch.zeros(batch, length, dtype=torch.bool, device=device)
-            first[:, 0] = True
-            return first
+            return first_token_global_mask((batch, length), device).bool()
         return None
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -132,8 +127,8 @@ class LongformerStyleModel(LongformerStylePreTrainedModel):
         With `use_cache` (causal models, not training) the output carries a `LayerStateCache`; passing it back as
         `past_key_values` with the next tokens decodes incrementally."""
         batch, length, past, device, use_cache, output_hidden_states = resolve_call(
-            self, input_ids, inputs_embeds, output_hidden_states, use_cache, past_key_values)
-        self._check_shapes(batch, length, past, attention_mask, global_attention_mask)
+            self, input_ids, inputs_embeds, output_hidden_states, use_cache, past_key_values, attention_mask)
+        self._check_shapes(batch, length, past, global_attention_mask)
 
         cache = past_key_values if past_key_values is not None else (LayerStateCache() if use_cache else None)
         count_before = 0

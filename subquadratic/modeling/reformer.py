@@ -104,15 +104,12 @@ class ReformerLMModel(ReformerLMPreTrainedModel):
         With `use_cache` (causal models, not training) the output carries a `LayerStateCache`; passing it back as
         `past_key_values` with the next tokens decodes incrementally."""
         batch, length, past, device, use_cache, output_hidden_states = resolve_call(
-            self, input_ids, inputs_embeds, output_hidden_states, use_cache, past_key_values)
+            self, input_ids, inputs_embeds, output_hidden_states, use_cache, past_key_values, attention_mask)
         limit = self.config.max_position_embeddings
         if past + length > limit:
             raise ValueError(f"Sequence length {past + length} is longer than this model takes: lengths 1 to "
                              f"max_position_embeddings={limit} work (any length, not only multiples of the chunk "
                              "length).")
-        if attention_mask is not None and attention_mask.shape != (batch, past + length):
-            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}; expected "
-                             f"{(batch, past + length)} (batch, cached + new tokens).")
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=device).expand(batch, -1)
         hidden = self.embeddings(input_ids, inputs_embeds, position_ids)

@@ -274,3 +274,9 @@ def test_builds_under_another_default_device():
     with torch.device("meta"):
         model = ReformerLMModel(tiny_config())
     assert model.layers.f_blocks[1].sublayer.fixed_rotations.device.type == "cpu"
+
+
+def test_attention_mask_of_the_wrong_shape_is_refused():
+    model = ReformerLMModel(tiny_config())
+    with pytest.raises(ValueError, match=r"`attention_mask` has shape \(2, 9\); expected \(2, 10\)"):
+        model(ids(t=10), attention_mask=torch.ones(2, 9))
