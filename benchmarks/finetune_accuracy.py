@@ -108,6 +108,8 @@ def pretrain(args, tokenizer: str) -> dict[str, float]:
                "--mixed_precision", args.precision, "--log_every", "50", "--eval_every", "0",
                "--eval_tokens", "65536", "--save_every", "0", "--trackers", "[]", "--resume", "false",
                "--sample_prompt", "null", "--gradient_accumulation_steps", "1", "--output_dir", folder]
+        if args.pretrain_minutes:
+            cmd += ["--max_minutes", str(args.pretrain_minutes)]
         procs[name] = launch(cmd, logs[name])
     wait_all(procs, logs)
     print(f"pre-training done in {(time.time() - started) / 60:.1f} min", flush=True)
@@ -158,6 +160,7 @@ def main() -> None:
     p.add_argument("--data", default="../shared/data", help="folder with sst2/, agnews/ and wikitext-2/")
     p.add_argument("--out", default="runs/finetune_accuracy")
     p.add_argument("--pretrain_steps", type=int, default=2000)
+    p.add_argument("--pretrain_minutes", type=float, default=None, help="also stop pre-training after this long")
     p.add_argument("--pretrain_batch", type=int, default=32)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--max_train_samples", type=int, default=None)
