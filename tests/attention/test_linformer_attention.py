@@ -1,5 +1,5 @@
 """Linformer attention: exactness against full attention at k = n, parameter counts of the sharing modes,
-padding handling of each projection kind, and clear errors."""
+padding handling of each projection kind, the fast (SDPA) path against the readable one, and clear errors."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.attention.linformer import LinformerSelfAttention, SequenceProjection
 
 HIDDEN, HEADS, HEAD_SIZE, N = 16, 2, 8, 16
@@ -156,3 +157,66 @@ def test_errors():
         make("fft")
     with pytest.raises(ValueError, match="shared_projection"):
         make(sharing="layerwise")(torch.randn(1, 4, HIDDEN))
+
+
+def outputs_and_gradients(attn, x, mask, shared, fast):
+    """Outputs and the gradients of the input and of every parameter (the shared projection's included)."""
+    x = x.clone().requires_grad_()
+    params = list(attn.parameters()) + (list(shared.parameters()) if shared is not None else [])
+    with fast_paths(fast):
+        out = attn(x, padding_mask=mask, shared_projection=shared)
+    # weighted so that every output position and feature gets its own gradient
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), [x] + params)
+    return out, grads
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sharing", ["none", "headwise", "key-value", "layerwise"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fast_path_matches_readable_path(kind, sharing, padded):
+    """SDPA (and, for projections shared by all heads, projecting before the key/value maps) gives the readable
+    path's outputs and gradients, on an input shorter than n (first T columns) with or without padding; the
+    padding of row 0 leaves pooled slots with no real token, which must be masked."""
+    attn = make(kind, k=4, sharing=sharing).train()  # training mode: dropout is 0, so the paths stay comparable
+    shared = SequenceProjection(kind, N, 4) if sharing == "layerwise" else None
+    with torch.no_grad():  # give the biases weight: zero-mean init would hide a wrong bias term
+        for module in (attn.key, attn.value):
+            module.bias.normal_()
+    x = torch.randn(2, 11, HIDDEN)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 11, dtype=torch.bool)
+        mask[0, 5:] = False
+    readable, readable_grads = outputs_and_gradients(attn, x, mask, shared, fast=False)
+    fast, fast_grads = outputs_and_gradients(attn, x, mask, shared, fast=True)
+    torch.testing.assert_close(fast, readable)
+    for got, expected in zip(fast_grads, readable_grads, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("kind, padded, masked", [("linear", True, False), ("mean", False, False),
+                                                  ("max", True, True)])
+def test_fast_path_runs_sdpa_with_a_mask_only_for_empty_slots(monkeypatch, kind, padded, masked):
+    """The fast path calls SDPA once (with dropout_p when training); it passes a mask only when pooled slots can be
+    empty, so that the flash kernel can run otherwise. The readable path, and the default on CPU, never call it."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    attn = LinformerSelfAttention(HIDDEN, HEADS, HEAD_SIZE, N, 4, projection_kind=kind, dropout=0.25)
+    x = torch.randn(2, 11, HIDDEN, requires_grad=True)
+    mask = torch.tensor([[True] * 5 + [False] * 6, [True] * 11]) if padded else None
+    with fast_paths(True):
+        attn(x, padding_mask=mask).sum().backward()
+        attn.eval()(x, padding_mask=mask)
+    assert len(calls) == 2
+    assert [call["dropout_p"] for call in calls] == [0.25, 0.0]
+    assert all((call["attn_mask"] is not None) == masked for call in calls)
+    for setting in (False, None):
+        with fast_paths(setting):
+            attn(x, padding_mask=mask)
+    assert len(calls) == 2

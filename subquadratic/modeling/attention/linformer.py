@@ -12,6 +12,13 @@ T < n (a shorter input sums fewer columns of E); this keeps outputs independent 
 the padded length would break.
 
 Linformer attention is bidirectional: every projected key mixes all positions, so causal masking is impossible.
+
+Two paths compute the attention of the T queries over the k projected keys (chosen by `flex.fast_paths`, CUDA by
+default): the readable one (`dense_attend`: fp32 scores and probabilities, the reference) and a fast one through
+`scaled_dot_product_attention` (flash or memory-efficient kernels: the T x k scores are never stored, and with no
+empty pooled slot no mask is passed, so the flash kernel can run). Where one projection serves all heads and mixes
+positions linearly (every kind but "max"), the fast path also projects the hidden states before the key and value
+maps, P(x W^T + b) = P(x) W^T + P(1) b, so those maps run on k' rows instead of T.
 """
 
 from __future__ import annotations
@@ -22,8 +29,16 @@ import torch
 from torch import nn
 
 from ...configuration.linformer import PROJECTION_KINDS, SHARING_MODES
-from .dense import dense_attend
+from .dense import dense_attend, full_attend
+from .flex import use_flex
 from .masking import merge_heads, split_heads
+
+
+def use_fast_path(tensor: torch.Tensor) -> bool:
+    """The `fast_paths` switch of the FlexAttention modules. `use_flex` keeps CPU tensors that need gradients on
+    the readable path because FlexAttention has no CPU backward; SDPA has one, so only the device and the setting
+    count here (hence the detach)."""
+    return use_flex(tensor.detach())
 
 
 class SequenceProjection(nn.Module):
@@ -57,6 +72,12 @@ class SequenceProjection(nn.Module):
             nn.init.normal_(self.weight, std=self.init_std)
 
     @property
+    def shared_linear(self) -> bool:
+        """Whether this projection mixes positions linearly with one weight for all heads, so that it commutes with
+        the key and value maps (see `project_inputs_first`)."""
+        return self.kind != "max" and (self.weight is None or self.weight.shape[0] == 1)
+
+    @property
     def init_std(self) -> float:
         """1 / sqrt(fan-in): a projected key is a weighted sum of fan-in keys, and keeps their scale."""
         return 1.0 / math.sqrt(self.max_length if self.kind == "linear" else self.stride)
@@ -64,9 +85,9 @@ class SequenceProjection(nn.Module):
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None):
         """x (B, H, T, D); padding_mask (B, T) bool, True for real tokens.
 
-        Returns (projected (B, H, k', D), slot_mask): for the window kinds, slot_mask (B or 1, 1, 1, k') is False
-        for windows that cover no real token (to be masked out of the softmax); None for "linear", whose every
-        slot mixes the whole input."""
+        Returns (projected (B, H, k', D), slot_mask): for the window kinds with a padding mask, slot_mask (B, 1, 1,
+        k') is False for windows that cover no real token (to be masked out of the softmax); None for "linear",
+        whose every slot mixes the whole input, and without padding, where every window holds a real token."""
         b, h, t, d = x.shape
         keep = None if padding_mask is None else padding_mask.bool()[:, None, :, None]  # (B, 1, T, 1)
         if self.kind == "linear":
@@ -87,7 +108,7 @@ class SequenceProjection(nn.Module):
         x = nn.functional.pad(x, (0, 0, 0, extra)).view(b, h, windows, s, d)
         keep = nn.functional.pad(keep, (0, 0, 0, extra), value=False).view(keep.shape[0], 1, windows, s, 1)
         count = keep.sum(dim=3)  # (B, 1, k', 1): real tokens per window
-        slot_mask = (count > 0).view(count.shape[0], 1, 1, windows)
+        slot_mask = None if padding_mask is None else (count > 0).view(count.shape[0], 1, 1, windows)
         if self.kind == "max":
             out = x.masked_fill(~keep, torch.finfo(x.dtype).min).amax(dim=3)
             return out.masked_fill(count == 0, 0.0), slot_mask
@@ -97,6 +118,18 @@ class SequenceProjection(nn.Module):
             return x.sum(dim=3) / count.clamp(min=1).to(x.dtype), slot_mask
         # conv: out[b, h, j] = sum_i w_h[i] x[b, h, j*s + i], weight (P, s) broadcast over heads and features
         return torch.einsum("bhjsd,hs->bhjd", x, self.weight.expand(h, s)), slot_mask
+
+
+def project_inputs_first(projection: SequenceProjection, maps: list[nn.Linear], hidden_states: torch.Tensor,
+                         padding_mask: torch.Tensor | None):
+    """[projection(map(x)) for each map] computed as P(x) W^T + P(1) b, for a `shared_linear` projection P: the maps
+    run on the k' projected rows instead of the T input rows, and the (B, T, H*D) keys/values are never formed.
+
+    hidden_states (B, T, hidden). Returns ([(B, k', H*D) per map], slot_mask as `SequenceProjection` gives it)."""
+    projected, slots = projection(hidden_states[:, None], padding_mask)  # (B, 1, k', hidden)
+    ones = hidden_states.new_ones(1, 1, hidden_states.shape[1], 1)
+    bias_weight = projection(ones, padding_mask)[0][:, 0]  # (B or 1, k', 1): P(1), the share of the bias per slot
+    return [nn.functional.linear(projected[:, 0], m.weight) + bias_weight * m.bias for m in maps], slots
 
 
 class LinformerSelfAttention(nn.Module):
@@ -155,8 +188,22 @@ class LinformerSelfAttention(nn.Module):
             key_projection = self.key_projection
             value_projection = self.value_projection or key_projection
         query = split_heads(self.query(hidden_states), self.num_heads)  # (B, H, T, D)
-        key, slots = key_projection(split_heads(self.key(hidden_states), self.num_heads), padding_mask)  # (B, H, k', D)
-        value, _ = value_projection(split_heads(self.value(hidden_states), self.num_heads), padding_mask)
-        # scores (B, H, T, k'): softmax in fp32 over the projected positions, empty pooled slots masked
-        out, _ = dense_attend(query, key, value, slots, 1.0 / math.sqrt(query.shape[-1]), self.dropout)
+        fast = use_fast_path(query)
+        if fast and key_projection.shared_linear:
+            if key_projection is value_projection:
+                (key, value), slots = project_inputs_first(key_projection, [self.key, self.value], hidden_states,
+                                                           padding_mask)
+            else:
+                (key,), slots = project_inputs_first(key_projection, [self.key], hidden_states, padding_mask)
+                (value,), _ = project_inputs_first(value_projection, [self.value], hidden_states, padding_mask)
+            key, value = split_heads(key, self.num_heads), split_heads(value, self.num_heads)  # (B, H, k', D)
+        else:
+            key, slots = key_projection(split_heads(self.key(hidden_states), self.num_heads), padding_mask)
+            value, _ = value_projection(split_heads(self.value(hidden_states), self.num_heads), padding_mask)
+        if fast:
+            dropout_p = self.dropout.p if self.training else 0.0
+            out = full_attend(query, key, value, None if slots is None else slots.flatten(1), False, dropout_p)
+        else:
+            # scores (B, H, T, k'): softmax in fp32 over the projected positions, empty pooled slots masked
+            out, _ = dense_attend(query, key, value, slots, 1.0 / math.sqrt(query.shape[-1]), self.dropout)
         return self.output(merge_heads(out))
