@@ -1,11 +1,15 @@
-"""Local (chunked) attention against full softmax attention over exactly the allowed pairs."""
+"""Local (chunked) attention against full softmax attention over exactly the allowed pairs, and its FlexAttention
+fast path against the readable path (on CPU the unfused reference; the compiled kernels on CUDA)."""
 
 import math
 
 import pytest
 import torch
 
+from subquadratic.modeling.attention import local as local_module
+from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.attention.local import LocalSelfAttention, local_attend, local_attend_cached
+from subquadratic.modeling.cache import LayerStateCache
 
 
 def brute_force_local(q, k, v, chunk, before, after, causal, padding_mask=None):
@@ -72,3 +76,185 @@ def test_covering_chunks_take_the_sdpa_path_with_the_same_numbers(causal, monkey
     readable = attn(x, padding_mask=mask)
     torch.testing.assert_close(fast[0], readable[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast[1, :19], readable[1, :19], atol=1e-5, rtol=1e-5)
+
+
+# --- FlexAttention fast path ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def flex_calls(monkeypatch):
+    """Records each call of the fast path's `flex_attention`, so that a comparison cannot pass without it."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    original = local_module.flex_attention
+    monkeypatch.setattr(local_module, "flex_attention", spy)
+    return calls
+
+
+FAST_COMBOS = [  # chunk, length (never a multiple of 128), chunks before, chunks after, padded from (row 1)
+    (16, 80, 1, 0, 69),
+    (16, 80, 0, 1, 50),
+    (32, 160, 2, 1, 100),
+    (64, 192, 1, 1, None),
+    (64, 320, 1, 0, 250),
+    (16, 48, 0, 0, 40),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("chunk,t,before,after,pad_from", FAST_COMBOS)
+def test_fast_path_matches_readable_path(chunk, t, before, after, pad_from, causal, flex_calls):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, t, 8) for _ in range(3))
+    padding = torch.ones(2, t, dtype=torch.bool)
+    if pad_from is not None:
+        padding[1, pad_from:] = False
+    mask = None if pad_from is None else padding
+    with torch.no_grad():
+        with fast_paths(False):
+            expected = local_attend(q, k, v, chunk, before, after, causal, mask)
+        assert not flex_calls
+        with fast_paths(True):
+            got = local_attend(q, k, v, chunk, before, after, causal, mask)
+    assert flex_calls == [(2, 2, t, 8)]
+    # a padding query may see no real key: its (unused) output then differs between the paths, but is finite
+    real = padding[:, None, :].expand(-1, 2, -1)
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fast_path_of_the_module_matches_readable_path(causal, flex_calls):
+    torch.manual_seed(0)
+    attn = LocalSelfAttention(16, 2, 8, chunk_length=16, chunks_before=1, chunks_after=1, causal=causal).eval()
+    x = torch.randn(2, 64, 16)
+    padding = torch.ones(2, 64, dtype=torch.bool)
+    padding[0, 45:] = False
+    with torch.no_grad():
+        with fast_paths(False):
+            expected = attn(x, padding_mask=padding)
+        with fast_paths(True):
+            got = attn(x, padding_mask=padding)
+    assert len(flex_calls) == 1
+    torch.testing.assert_close(got[padding], expected[padding], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_is_skipped_where_it_cannot_run(flex_calls):
+    """Attention dropout in training, gradients on CPU (FlexAttention has no CPU backward), cached decoding and
+    windows that cover the sequence (SDPA) take other paths even when fast paths are forced."""
+    attn = LocalSelfAttention(16, 2, 8, chunk_length=4, chunks_before=1, dropout=0.1).train()
+    x = torch.randn(1, 16, 16)
+    with fast_paths(True):
+        with torch.no_grad():
+            attn(x)
+        assert not flex_calls
+        attn.dropout.p = 0.0
+        attn(x.requires_grad_(True)).sum().backward()
+        assert not flex_calls
+        attn.eval()
+        with torch.no_grad():
+            attn(x[:, :8])  # two chunks, one before: the window covers them (SDPA)
+            assert not flex_calls
+            cache = LayerStateCache()
+            attn(x[:, :12], cache=cache)  # the prompt: a full pass, which takes the fast path
+            assert len(flex_calls) == 1
+            attn(x[:, 12:13], padding_mask=torch.ones(1, 13, dtype=torch.bool), cache=cache)
+        assert len(flex_calls) == 1
+
+
+def test_compiled_module_with_fast_path_matches_readable_path(flex_calls):
+    """torch.compile of the whole module (fullgraph): FlexAttention then runs inside the compiled region."""
+    torch.manual_seed(0)
+    attn = LocalSelfAttention(16, 2, 8, chunk_length=16, chunks_before=1, causal=True).eval()
+    x = torch.randn(2, 96, 16)  # a length no other test uses: the block mask is built inside the compiled region
+    padding = torch.ones(2, 96, dtype=torch.bool)
+    padding[1, 50:] = False
+    compiled = torch.compile(attn, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        with fast_paths(False):
+            expected = attn(x, padding_mask=padding)
+        with fast_paths(True):
+            got = compiled(x, padding_mask=padding)
+            again = compiled(x, padding_mask=padding)  # now with the cached block mask
+    assert flex_calls
+    torch.testing.assert_close(again, got)
+    torch.testing.assert_close(got[padding], expected[padding], atol=1e-5, rtol=1e-5)
+
+
+# GPU: the compiled kernels (block sparsity, full blocks, the padding score_mod) and their backward, which the CPU
+# reference above does not exercise.
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernels need CUDA")
+GPU_COMBOS = [  # causal, chunk, chunks before, after, length; hidden 128, 4 heads of 32, row 0 padded
+    (True, 64, 1, 0, 320),  # 320: not a multiple of the 128-token blocks
+    (False, 64, 1, 1, 320),
+    (False, 32, 2, 0, 352),
+    (False, 128, 1, 0, 384),  # chunk = block: whole blocks of the band are full, the padding score_mod still runs
+]
+
+
+def gpu_case(causal, chunk, before, after, t, hidden=128):
+    torch.manual_seed(0)
+    attn = LocalSelfAttention(hidden, 4, 32, chunk, before, after, causal=causal).cuda()
+    x = torch.randn(2, t, hidden, device="cuda", requires_grad=True)
+    padding = torch.ones(2, t, dtype=torch.bool, device="cuda")
+    padding[0, 250:] = False
+    weight = torch.randn(2, t, hidden, device="cuda")  # a loss that weighs every output differently
+
+    def run(fast: bool, bf16: bool):
+        """(output, gradients of the input and of every parameter) with the fast (default) or readable path. The
+        loss reads real positions only: padding queries may differ between the paths."""
+        attn.zero_grad()
+        x.grad = None
+        with fast_paths(None if fast else False), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            out = attn(x, padding_mask=padding)
+        (out.float()[padding] * weight[padding]).sum().backward()
+        return [out.float()[padding]] + [x.grad.clone()] + [p.grad.clone() for p in attn.parameters()]
+
+    return attn, run
+
+
+@cuda_only
+@pytest.mark.parametrize("causal,chunk,before,after,t", GPU_COMBOS)
+def test_gpu_fast_path_matches_readable_path_fp32(causal, chunk, before, after, t, flex_calls):
+    attn, run = gpu_case(causal, chunk, before, after, t)
+    assert not attn.covers(t)
+    expected = run(fast=False, bf16=False)
+    assert not flex_calls
+    got = run(fast=True, bf16=False)
+    assert len(flex_calls) == 1
+    torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)  # output
+    for g, e in zip(got[1:], expected[1:]):  # gradients
+        torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-3)
+
+
+@cuda_only
+@pytest.mark.parametrize("causal,chunk,before,after,t", GPU_COMBOS)
+def test_gpu_fast_path_under_bf16_autocast_is_as_accurate_as_readable_path(causal, chunk, before, after, t,
+                                                                            flex_calls):
+    """Under bf16 both paths round differently; each must be about as close to the fp32 result as the other."""
+    _, run = gpu_case(causal, chunk, before, after, t)
+    reference = run(fast=False, bf16=False)
+    readable = run(fast=False, bf16=True)
+    fast = run(fast=True, bf16=True)
+    assert len(flex_calls) == 1
+    for f, r, ref in zip(fast, readable, reference):
+        assert torch.isfinite(f).all()
+        allowed = 2 * (r - ref).abs().max() + 1e-3 * ref.abs().max()
+        assert (f - ref).abs().max() <= allowed, ((f - ref).abs().max(), allowed)
+
+
+@cuda_only
+def test_gpu_compiled_module_with_fast_path_matches_readable_path(flex_calls):
+    """torch.compile of the whole module: FlexAttention then runs inside the compiled region (flex.py)."""
+    attn, run = gpu_case(True, 64, 1, 0, 448)  # a length of its own: no block mask cached yet
+    expected = run(fast=False, bf16=False)
+    attn.forward = torch.compile(attn.forward)
+    for _ in range(2):  # the block mask is built inside the compiled region, then taken from the cache
+        got = run(fast=True, bf16=False)
+        torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)
+        for g, e in zip(got[1:], expected[1:]):
+            torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-3)
+    assert flex_calls

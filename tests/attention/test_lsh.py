@@ -1,17 +1,22 @@
-"""LSH attention against plain references that attend over exactly the allowed pairs."""
+"""LSH attention against plain references that attend over exactly the allowed pairs, and its FlexAttention fast
+path against the readable path (on CPU the unfused reference; the compiled kernels on CUDA)."""
 
 import math
 
 import pytest
 import torch
 
+from subquadratic.modeling.attention import lsh as lsh_module
+from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.attention.lsh import (
     LSHSelfAttention,
     hash_vectors,
     lsh_attend,
     lsh_attend_cached,
+    rotation_width,
     total_buckets,
 )
+from subquadratic.modeling.cache import LayerStateCache
 
 
 def _qkv(b=2, h=2, t=32, d=8, seed=0):
@@ -151,3 +156,178 @@ def test_rotations_fresh_in_training_fixed_in_eval_or_with_seed():
     torch.testing.assert_close(seeded(x), seeded(x))
     other = _module(num_buckets=16, hash_seed=4)
     assert not torch.equal(seeded.fixed_rotations, other.fixed_rotations)
+
+
+# --- FlexAttention fast path ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def flex_calls(monkeypatch):
+    """Records each call of the fast path's `flex_attention`, so that a comparison cannot pass without it."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    original = lsh_module.flex_attention
+    monkeypatch.setattr(lsh_module, "flex_attention", spy)
+    return calls
+
+
+FAST_COMBOS = [  # chunk, length (never a multiple of 128), rounds, buckets, padded from (row 1)
+    (16, 80, 1, 8, 69),
+    (32, 96, 3, 4, 90),
+    (64, 192, 2, 8, 100),
+    (16, 112, 4, [2, 4], None),
+    (16, 16, 2, 4, 11),  # one chunk: it must not see itself twice
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("chunk,t,rounds,num_buckets,pad_from", FAST_COMBOS)
+def test_fast_path_matches_readable_path(chunk, t, rounds, num_buckets, pad_from, causal, flex_calls):
+    q, k, v = _qkv(b=2, h=2, t=t)
+    padding = None
+    if pad_from is not None:
+        padding = torch.ones(2, t, dtype=torch.bool)
+        padding[1, pad_from:] = False
+    rotations = torch.randn(rounds, 8, rotation_width(num_buckets), generator=torch.Generator().manual_seed(1))
+    buckets = hash_vectors(q, rotations, num_buckets, padding)  # one hashing for both paths
+    assert len(buckets[0, 0, 0].unique()) > 2
+    with torch.no_grad():
+        with fast_paths(False):
+            expected = lsh_attend(q, k, v, buckets, chunk, causal)
+        assert not flex_calls
+        with fast_paths(True):
+            got = lsh_attend(q, k, v, buckets, chunk, causal)
+    assert flex_calls == [(2, 2 * rounds, t, 8)]  # one call, the rounds as extra heads
+    # padding tokens attend among themselves in both paths, so every position agrees
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fast_path_of_the_module_matches_readable_path(causal, flex_calls):
+    attn = _module(causal=causal, chunk_length=16, num_buckets=8, num_hashes=3).eval()  # eval: fixed rotations
+    x = torch.randn(2, 48, 16)
+    padding = torch.ones(2, 48, dtype=torch.bool)
+    padding[0, 37:] = False
+    with torch.no_grad():
+        with fast_paths(False):
+            expected = attn(x, padding_mask=padding)
+        with fast_paths(True):
+            got = attn(x, padding_mask=padding)
+    assert len(flex_calls) == 1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_path_is_skipped_where_it_cannot_run(flex_calls):
+    """Attention dropout in training, gradients on CPU (FlexAttention has no CPU backward) and cached decoding
+    take the readable path even when fast paths are forced."""
+    attn = _module(hash_seed=0, dropout=0.1).train()
+    x = torch.randn(1, 16, 16)
+    with fast_paths(True):
+        with torch.no_grad():
+            attn(x)
+        assert not flex_calls
+        attn.dropout.p = 0.0
+        attn(x.requires_grad_(True)).sum().backward()
+        assert not flex_calls
+        attn.eval()
+        with torch.no_grad():
+            cache = LayerStateCache()
+            attn(x[:, :8], cache=cache)  # the prompt: a full pass, which may take the fast path
+            assert len(flex_calls) == 1
+            attn(x[:, 8:9], padding_mask=torch.ones(1, 9, dtype=torch.bool), cache=cache)
+        assert len(flex_calls) == 1
+
+
+def test_compiled_module_with_fast_path_matches_readable_path(flex_calls):
+    """torch.compile of the whole module (fullgraph): FlexAttention then runs inside the compiled region."""
+    attn = _module(chunk_length=16, num_buckets=8, num_hashes=2).eval()
+    x = torch.randn(2, 64, 16)  # a length no other test uses: the block mask is built inside the compiled region
+    padding = torch.ones(2, 64, dtype=torch.bool)
+    padding[1, 40:] = False
+    compiled = torch.compile(attn, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        with fast_paths(False):
+            expected = attn(x, padding_mask=padding)
+        with fast_paths(True):
+            got = compiled(x, padding_mask=padding)
+            again = compiled(x, padding_mask=padding)  # now with the cached block mask
+    assert flex_calls
+    torch.testing.assert_close(again, got)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# GPU: the compiled kernels (block sparsity, the hash-dependent score_mod) and their backward, including the
+# gradient through the log-sum-exp that weighs the rounds, which the CPU reference above does not exercise.
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernels need CUDA")
+GPU_COMBOS = [  # causal, chunk, rounds, length; hidden 128, 4 heads of 32, row 0 padded from 250
+    (True, 64, 4, 320),  # 320: not a multiple of the 128-token blocks
+    (False, 64, 1, 320),
+    (False, 32, 2, 352),
+    (False, 128, 2, 384),  # chunk = block: whole blocks of the band are full, the score_mod must still run there
+]
+
+
+def gpu_case(causal, chunk, rounds, t, hidden=128):
+    torch.manual_seed(0)
+    # hash_seed: the same fixed rotations in training too, so that both paths hash identically
+    attn = LSHSelfAttention(hidden, 4, 32, chunk, num_buckets=8, num_hashes=rounds, causal=causal, hash_seed=1).cuda()
+    x = torch.randn(2, t, hidden, device="cuda", requires_grad=True)
+    padding = torch.ones(2, t, dtype=torch.bool, device="cuda")
+    padding[0, 250:] = False
+    weight = torch.randn(2, t, hidden, device="cuda")  # a loss that weighs every output differently
+
+    def run(fast: bool, bf16: bool):
+        """(output, gradients of the input and of every parameter) with the fast (default) or readable path."""
+        attn.zero_grad()
+        x.grad = None
+        with fast_paths(None if fast else False), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+            out = attn(x, padding_mask=padding)
+        (out.float()[padding] * weight[padding]).sum().backward()
+        return [out.float()[padding]] + [x.grad.clone()] + [p.grad.clone() for p in attn.parameters()]
+
+    return attn, run
+
+
+@cuda_only
+@pytest.mark.parametrize("causal,chunk,rounds,t", GPU_COMBOS)
+def test_gpu_fast_path_matches_readable_path_fp32(causal, chunk, rounds, t, flex_calls):
+    _, run = gpu_case(causal, chunk, rounds, t)
+    expected = run(fast=False, bf16=False)
+    assert not flex_calls
+    got = run(fast=True, bf16=False)
+    assert len(flex_calls) == 1
+    torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)  # output
+    for g, e in zip(got[1:], expected[1:]):  # gradients
+        torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-3)
+
+
+@cuda_only
+@pytest.mark.parametrize("causal,chunk,rounds,t", GPU_COMBOS)
+def test_gpu_fast_path_under_bf16_autocast_is_as_accurate_as_readable_path(causal, chunk, rounds, t, flex_calls):
+    """Under bf16 both paths round differently; each must be about as close to the fp32 result as the other."""
+    _, run = gpu_case(causal, chunk, rounds, t)
+    reference = run(fast=False, bf16=False)
+    readable = run(fast=False, bf16=True)
+    fast = run(fast=True, bf16=True)
+    assert len(flex_calls) == 1
+    for f, r, ref in zip(fast, readable, reference):
+        assert torch.isfinite(f).all()
+        allowed = 2 * (r - ref).abs().max() + 1e-3 * ref.abs().max()
+        assert (f - ref).abs().max() <= allowed, ((f - ref).abs().max(), allowed)
+
+
+@cuda_only
+def test_gpu_compiled_module_with_fast_path_matches_readable_path(flex_calls):
+    """torch.compile of the whole module: FlexAttention then runs inside the compiled region (flex.py)."""
+    attn, run = gpu_case(True, 64, 2, 448)  # a length of its own: no block mask cached yet
+    expected = run(fast=False, bf16=False)
+    attn.forward = torch.compile(attn.forward)
+    for _ in range(2):  # the block mask is built inside the compiled region, then taken from the cache
+        got = run(fast=True, bf16=False)
+        torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)
+        for g, e in zip(got[1:], expected[1:]):
+            torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-3)
+    assert flex_calls

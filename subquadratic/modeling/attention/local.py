@@ -1,7 +1,11 @@
 """Local (chunked) self-attention: the sequence is cut into chunks of `chunk_length`, and each chunk attends to
 itself, `chunks_before` chunks before it and `chunks_after` chunks after it (Reformer's local layers; also the
 attention of the Image Transformer and of `local-attention`). Which keys a query sees depends only on positions, so
-causal local attention is exactly causal."""
+causal local attention is exactly causal.
+
+The allowed pairs form a static band of chunks, so where `flex.use_flex` says so (CUDA by default) the attention
+runs through FlexAttention with a cached block mask of that band; padding, which changes per batch, is applied by a
+score_mod instead, so that the block mask stays cacheable."""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from torch import nn
 
 from ..cache import LayerStateCache
 from .dense import dense_attend, full_attend
-from .masking import merge_heads, split_heads
+from .flex import cached_block_mask, flex_attention, use_flex
+from .masking import MASK_VALUE, merge_heads, split_heads
 
 
 def _look_around(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -21,16 +26,36 @@ def _look_around(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
     return torch.cat(pieces, dim=3)
 
 
+def chunk_band(chunk_length: int, chunks_before: int, chunks_after: int, causal: bool):
+    """mask_mod of the static pattern of chunked attention: a query of chunk i sees keys of chunks i - before to
+    i + after (and none later than itself when causal). Depends only on its arguments and the indices, so the
+    block mask built from it can be cached; every block it marks full really is full."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        back = q_idx // chunk_length - kv_idx // chunk_length  # chunks from the key's chunk up to the query's
+        allowed = (back <= chunks_before) & (back >= -chunks_after)
+        return allowed & (kv_idx <= q_idx) if causal else allowed
+    return mask_mod
+
+
+def flex_can_run(query: torch.Tensor, dropout: nn.Module | None) -> bool:
+    """Whether the FlexAttention path should run: `flex.use_flex` agrees and no attention dropout is active
+    (FlexAttention has none)."""
+    dropout_active = dropout is not None and dropout.training and dropout.p > 0
+    return not dropout_active and use_flex(query)
+
+
 def local_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunk_length: int, chunks_before: int,
                  chunks_after: int, causal: bool, padding_mask: torch.Tensor | None = None,
                  dropout: nn.Module | None = None) -> torch.Tensor:
     """query/key/value (B, H, T, D) with T a multiple of ``chunk_length``; padding_mask (B, T) bool, True for real
     keys. Returns (B, H, T, D)."""
+    if causal:
+        chunks_after = 0
+    if flex_can_run(query, dropout):
+        return _local_attend_flex(query, key, value, chunk_length, chunks_before, chunks_after, causal, padding_mask)
     b, h, t, d = query.shape
     c = chunk_length
     n = t // c
-    if causal:
-        chunks_after = 0
     q = query.view(b, h, n, c, d)
     k = _look_around(key.view(b, h, n, c, d), chunks_before, chunks_after)
     v = _look_around(value.view(b, h, n, c, d), chunks_before, chunks_after)
@@ -48,6 +73,24 @@ def local_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ch
         allowed = allowed & key_ok[:, :, :, None, :]
     out, _ = dense_attend(q, k, v, allowed, 1.0 / math.sqrt(d), dropout)
     return out.view(b, h, t, d)
+
+
+def _local_attend_flex(query, key, value, chunk_length, chunks_before, chunks_after, causal, padding_mask):
+    """`local_attend` through FlexAttention. Same allowed pairs; the band is the (cached) block mask, padding keys
+    score MASK_VALUE as in the readable path (finite, and every real query keeps its own key, so no row is empty).
+    Queries of padding tokens may differ from the readable path: those outputs are never used."""
+    t = query.shape[2]
+    band = chunk_band(chunk_length, chunks_before, chunks_after, causal)
+    block_mask = cached_block_mask(("local", chunk_length, chunks_before, chunks_after, causal), band,
+                                   None, None, t, t, query.device)
+    score_mod = None
+    if padding_mask is not None:
+        key_ok = padding_mask.bool()
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(key_ok[b, kv_idx], score, MASK_VALUE)
+    return flex_attention(query, key, value, block_mask=block_mask, score_mod=score_mod,
+                          scale=1.0 / math.sqrt(query.shape[-1]))
 
 
 def local_attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunk_length: int,

@@ -11,6 +11,10 @@ Causal attention here is exactly causal: besides masking later positions, a quer
 earlier tokens, so changing a later token can never change an earlier output (with plain chunk boundaries it can:
 a later token moves the boundaries of the sorted order). Padding tokens hash to an extra bucket of their own, so
 they never share a chunk slot with real tokens and the amount of padding cannot change any real output.
+
+Within each round this is local attention over the sorted sequence, so where `flex.use_flex` says so (CUDA by
+default) it runs through FlexAttention: the rounds become extra heads, the static chunk band is a cached block mask,
+and what depends on the hashes (same bucket, original positions) is applied by a score_mod.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from torch import nn
 
 from ..cache import LayerStateCache
 from .dense import dense_attend
-from .masking import merge_heads, split_heads
+from .flex import cached_block_mask, flex_attention
+from .local import chunk_band, flex_can_run
+from .masking import MASK_VALUE, SELF_MASK_VALUE, merge_heads, split_heads
 
 
 def rotation_width(num_buckets: int | list[int]) -> int:
@@ -70,24 +76,22 @@ def lsh_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buck
                chunk_length: int, causal: bool, dropout: nn.Module | None = None) -> torch.Tensor:
     """Chunked LSH attention. query/key/value (B, H, T, D) with T a multiple of ``chunk_length``;
     buckets (B, H, R, T). Returns (B, H, T, D)."""
+    if flex_can_run(query, dropout):
+        return _lsh_attend_flex(query, key, value, buckets, chunk_length, causal)
     b, h, t, d = query.shape
     r, c = buckets.shape[2], chunk_length
     n = t // c
-    positions = torch.arange(t, device=query.device)
-    # Sort by bucket, then position: keys are unique, so the order is stable by construction.
-    sorted_pos = (buckets * t + positions).argsort(dim=-1)  # (B, H, R, T): original position at each sorted slot
-
-    flat = sorted_pos.reshape(b, h, r * t, 1)
+    sorted_pos = _sort_order(buckets)  # (B, H, R, T): original position at each sorted slot
 
     def sort(x):  # (B, H, T, D) -> (B, H, R, n, C, D)
-        return x.gather(2, flat.expand(-1, -1, -1, x.shape[-1])).view(b, h, r, n, c, x.shape[-1])
+        return _gather_rounds(x, sorted_pos).view(b, h, r, n, c, x.shape[-1])
 
     q, k, v = sort(query), _look_one_back(sort(key)), _look_one_back(sort(value))
     q_bucket = buckets.gather(-1, sorted_pos).view(b, h, r, n, c)
     q_pos = sorted_pos.view(b, h, r, n, c)
     k_bucket, k_pos = _look_one_back(q_bucket), _look_one_back(q_pos)  # (B, H, R, n, 2C)
 
-    rank_q = positions.view(n, c)  # slot in the sorted order
+    rank_q = torch.arange(t, device=query.device).view(n, c)  # slot in the sorted order
     rank_k = torch.cat([rank_q - c, rank_q], dim=-1)  # (n, 2C); negative = wrapped around from the last chunk
     in_window = (rank_k >= 0)[:, None, :]  # (n, 1, 2C)
     allowed = (q_bucket[..., :, None] == k_bucket[..., None, :]) & in_window
@@ -96,17 +100,67 @@ def lsh_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buck
         allowed = allowed & ((rank_q[:, :, None] - rank_k[:, None, :]) <= c)
     self_mask = (k_pos[..., None, :] == q_pos[..., :, None]) & in_window  # a single chunk wraps onto itself
     out, lse = dense_attend(q, k, v, allowed, 1.0 / math.sqrt(d), dropout, self_mask)  # (B,H,R,n,C,D), (B,H,R,n,C)
+    return _unsort_and_combine(out.view(b, h, r, t, -1), lse.view(b, h, r, t), sorted_pos)
 
-    # Undo the sort: the slot of each original position is the inverse permutation.
-    slots = sorted_pos.argsort(dim=-1)
-    dv = value.shape[-1]
-    out = out.view(b, h, r, t, dv).gather(3, slots[..., None].expand(-1, -1, -1, -1, dv))
-    lse = lse.view(b, h, r, t).gather(3, slots)
-    return _combine_rounds(out, lse)
+
+def _sort_order(buckets: torch.Tensor) -> torch.Tensor:
+    """buckets (B, H, R, T) -> the original position at each slot of the order sorted by (bucket, position)."""
+    t = buckets.shape[-1]
+    # Sort keys are unique, so the order is stable by construction.
+    return (buckets * t + torch.arange(t, device=buckets.device)).argsort(dim=-1)
+
+
+def _gather_rounds(x: torch.Tensor, sorted_pos: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) -> (B, H, R * T, D): the sequence in each round's sorted order, rounds one after another."""
+    b, h, r, t = sorted_pos.shape
+    return x.gather(2, sorted_pos.reshape(b, h, r * t, 1).expand(-1, -1, -1, x.shape[-1]))
+
+
+def _unsort_and_combine(out: torch.Tensor, lse: torch.Tensor, sorted_pos: torch.Tensor) -> torch.Tensor:
+    """out (B, H, R, T, D) and lse (B, H, R, T) in sorted order -> (B, H, T, D) in the original order."""
+    slots = sorted_pos.argsort(dim=-1)  # the slot of each original position: the inverse permutation
+    out = out.gather(3, slots[..., None].expand(-1, -1, -1, -1, out.shape[-1]))
+    return _combine_rounds(out, lse.gather(3, slots))
+
+
+def _lsh_attend_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buckets: torch.Tensor,
+                     chunk_length: int, causal: bool) -> torch.Tensor:
+    """`lsh_attend` through FlexAttention, with the same allowed pairs and scores.
+
+    The R rounds of sorted queries/keys/values become R times the heads: (B, H * R, T, D). Over the sorted slots
+    the allowed pairs are a static band, which goes into a cached block mask: a query's chunk and the chunk
+    before; causal: the slots from ``chunk_length`` back up to the query's own (inside that band). The rest
+    depends on the hashes and goes into the score_mod: keys of another bucket score MASK_VALUE, and a token's own
+    key (the diagonal of the sorted slots) scores SELF_MASK_VALUE, as in `dense_attend`. Causal needs nothing
+    more: within a bucket the sorted order is the original order, so an earlier slot of the same bucket is an
+    earlier position. Each query's own key is in its band, so no row is empty and the log-sum-exps equal the
+    readable path's; gradients reach the round weights through them."""
+    b, h, t, d = query.shape
+    r, c = buckets.shape[2], chunk_length
+    sorted_pos = _sort_order(buckets)
+    q, k, v = (_gather_rounds(x, sorted_pos).view(b, h * r, t, x.shape[-1]) for x in (query, key, value))
+    slot_bucket = buckets.gather(-1, sorted_pos).view(b, h * r, t).int()  # int32: half the reads of int64
+
+    def score_mod(score, bi, hi, q_idx, kv_idx):
+        score = torch.where(slot_bucket[bi, hi, q_idx] == slot_bucket[bi, hi, kv_idx], score, MASK_VALUE)
+        return torch.where(q_idx == kv_idx, SELF_MASK_VALUE, score)
+
+    band = chunk_band(c, 1, 0, causal)
+
+    def window(bi, hi, q_idx, kv_idx):  # causal: at most c slots back (then also inside the chunk band)
+        allowed = band(bi, hi, q_idx, kv_idx)
+        return allowed & (q_idx - kv_idx <= c) if causal else allowed
+
+    block_mask = cached_block_mask(("lsh", c, causal), window, None, None, t, t, query.device)
+    out, lse = flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod, scale=1.0 / math.sqrt(d),
+                              return_lse=True)
+    return _unsort_and_combine(out.view(b, h, r, t, -1), lse.view(b, h, r, t), sorted_pos)
 
 
 def _combine_rounds(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """out (B, H, R, T, D), lse (B, H, R, T) -> (B, H, T, D), each round weighted by its share of the mass."""
+    if out.shape[2] == 1:  # the weight is exactly 1 (and its gradient 0): skip the fp32 copy of the output
+        return out[:, :, 0]
     weights = torch.softmax(lse, dim=2).unsqueeze(-1)
     return (out.float() * weights).sum(dim=2).to(out.dtype)
 
