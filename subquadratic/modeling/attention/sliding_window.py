@@ -18,10 +18,15 @@ The two parts of each query's softmax are computed separately and combined by th
 joint softmax), which reuses `dense_attend` and never concatenates scores.
 
 The number of global tokens G is the only size read from the data; without a global mask the global path is
-skipped (that choice depends on whether a mask is passed, not on its values)."""
+skipped (that choice depends on whether a mask is passed, not on its values).
+
+Fast path (opt-in with `flex.fast_paths(True)`, see `flex`): the window part runs through FlexAttention instead
+(`flex_window_attend`, same pairs and results); the global parts stay as they are (G keys or G queries per row are
+few, and their positions are data, which a cached block mask cannot hold)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,7 +34,8 @@ from torch import nn
 
 from ..cache import LayerStateCache
 from .dense import dense_attend, full_attend
-from .masking import merge_heads, split_heads
+from .flex import cached_block_mask, flex_attention, use_flex
+from .masking import MASK_VALUE, merge_heads, split_heads
 
 
 def _to_dilated(x: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -52,6 +58,14 @@ def _windows(x: torch.Tensor, before: int, after: int, block: int, fill=0.0) -> 
     return padded.unfold(-2, block + before + after, block)
 
 
+def _pad_tokens(extra: int, query, key, value, key_ok):
+    """Append ``extra`` positions to query/key/value (B, H, T, D); key_ok (B, T) masks the added keys."""
+    if extra:
+        query, key, value = (nn.functional.pad(x, (0, 0, 0, extra)) for x in (query, key, value))
+        key_ok = nn.functional.pad(key_ok, (0, extra), value=False)
+    return query, key, value, key_ok
+
+
 def sliding_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, dilation: int,
                           causal: bool, key_ok: torch.Tensor, dropout: nn.Module | None = None):
     """Dilated sliding-window attention for heads sharing one dilation.
@@ -66,10 +80,8 @@ def sliding_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.T
     before = min(window if causal else window // 2, s_raw - 1)
     after = 0 if causal else min(window // 2, s_raw - 1)
     block = max(1, min(window // 2, s_raw))
-    extra = (-t) % (d * block)
-    if extra:  # pad T to whole blocks of every residue class; the added keys are masked
-        query, key, value = (nn.functional.pad(x, (0, 0, 0, extra)) for x in (query, key, value))
-        key_ok = nn.functional.pad(key_ok, (0, extra), value=False)
+    extra = (-t) % (d * block)  # pad T to whole blocks of every residue class
+    query, key, value, key_ok = _pad_tokens(extra, query, key, value, key_ok)
     s = (t + extra) // d
     n = s // block
 
@@ -83,6 +95,44 @@ def sliding_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.T
     allowed = ok & ((m >= i) & (m <= i + before + after))  # (B, 1, d, n, c, c+w')
 
     out, lse = dense_attend(q, k, v, allowed, 1.0 / math.sqrt(d_head), dropout)
+    out = _from_dilated(out.reshape(b, h, d, s, d_head))[:, :, :t]
+    lse = _from_dilated(lse.reshape(b, h, d, s))[:, :, :t]
+    return out, lse
+
+
+def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, dilation: int,
+                       causal: bool, key_ok: torch.Tensor):
+    """`sliding_window_attend` through FlexAttention (no dropout): same arguments, pairs and results.
+
+    The residue classes modulo d are laid end to end (position s * d + r goes to r * S + s), so each class is a
+    plain band of its own and a dilated head costs what an undilated one does. That pattern depends only on the
+    sizes, so its block mask is built once; which keys are real (or global) is data, so it enters through a
+    score_mod, which also runs on the block mask's full blocks (those skip the mask_mod). Masked keys get
+    MASK_VALUE as in the readable path: a query whose window keys are all masked averages instead of giving NaN,
+    and its finite log-sum-exp combines with the global part as the readable one does."""
+    b, h, t, d_head = query.shape
+    d = dilation
+    extra = (-t) % d  # pad T to whole residue classes
+    query, key, value, key_ok = _pad_tokens(extra, query, key, value, key_ok)
+    s = (t + extra) // d
+
+    def class_major(x):  # (B, H, T, ...) -> the same shape, classes end to end (a view when d = 1)
+        return _to_dilated(x, d).reshape(x.shape)
+
+    q, k, v = (class_major(x) for x in (query, key, value))
+    ok = class_major(key_ok[:, None, :, None])[:, 0, :, 0]  # (B, T)
+    before, after = (window, 0) if causal else (window // 2, window // 2)
+
+    def band(b, h, q_idx, kv_idx):  # same class, and the key at most `before` steps before / `after` after
+        return (q_idx // s == kv_idx // s) & (q_idx - kv_idx <= before) & (kv_idx - q_idx <= after)
+
+    def mask_keys(score, b, h, q_idx, kv_idx):
+        return torch.where(ok[b, kv_idx], score, MASK_VALUE)
+
+    block_mask = cached_block_mask(("sliding_window", before, after, s), band, None, None, d * s, d * s,
+                                   query.device)
+    out, lse = flex_attention(q, k, v, block_mask=block_mask, score_mod=mask_keys, scale=1.0 / math.sqrt(d_head),
+                              return_lse=True)
     out = _from_dilated(out.reshape(b, h, d, s, d_head))[:, :, :t]
     lse = _from_dilated(lse.reshape(b, h, d, s))[:, :, :t]
     return out, lse
@@ -160,11 +210,16 @@ class SlidingWindowSelfAttention(nn.Module):
 
     def _window_part(self, query, key, value, key_ok):
         """Window attention of every head, grouped by dilation. Returns (out (B, H, T, D), lse (B, H, T))."""
+        # Opt-in (auto=False): its first compiled training step at 16K tokens did not end within 200 s on an H100
+        # (torch 2.11), which no user should meet by default; FlexAttention has no dropout.
+        if use_flex(query, auto=False) and not (self.training and self.dropout.p > 0):
+            attend = flex_window_attend
+        else:
+            attend = functools.partial(sliding_window_attend, dropout=self.dropout)
         if len(self.head_groups) == 1:
-            return sliding_window_attend(query, key, value, self.window, self.dilation[0], self.causal, key_ok,
-                                         self.dropout)
-        parts = [sliding_window_attend(query[:, heads], key[:, heads], value[:, heads], self.window, d,
-                                       self.causal, key_ok, self.dropout) for d, heads in self.head_groups]
+            return attend(query, key, value, self.window, self.dilation[0], self.causal, key_ok)
+        parts = [attend(query[:, heads], key[:, heads], value[:, heads], self.window, d, self.causal, key_ok)
+                 for d, heads in self.head_groups]
         out = torch.cat([p[0] for p in parts], dim=1)[:, self.head_order]
         lse = torch.cat([p[1] for p in parts], dim=1)[:, self.head_order]
         return out, lse
