@@ -10,6 +10,15 @@ from subquadratic.modeling.attention import local as local_module
 from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.attention.local import LocalSelfAttention, local_attend, local_attend_cached
 from subquadratic.modeling.cache import LayerStateCache
+from tests.attention.fast_path_checks import (
+    assert_compiled_fast_path_matches,
+    check_gpu_bf16,
+    check_gpu_compiled,
+    check_gpu_fp32,
+    cuda_only,
+    gpu_runner,
+    record_flex_calls,
+)
 
 
 def brute_force_local(q, k, v, chunk, before, after, causal, padding_mask=None):
@@ -82,16 +91,7 @@ def test_covering_chunks_take_the_sdpa_path_with_the_same_numbers(causal, monkey
 
 @pytest.fixture
 def flex_calls(monkeypatch):
-    """Records each call of the fast path's `flex_attention`, so that a comparison cannot pass without it."""
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
-
-    original = local_module.flex_attention
-    monkeypatch.setattr(local_module, "flex_attention", spy)
-    return calls
+    return record_flex_calls(monkeypatch, local_module)
 
 
 FAST_COMBOS = [  # chunk, length (never a multiple of 128), chunks before, chunks after, padded from (row 1)
@@ -166,27 +166,16 @@ def test_fast_path_is_skipped_where_it_cannot_run(flex_calls):
 
 
 def test_compiled_module_with_fast_path_matches_readable_path(flex_calls):
-    """torch.compile of the whole module (fullgraph): FlexAttention then runs inside the compiled region."""
     torch.manual_seed(0)
     attn = LocalSelfAttention(16, 2, 8, chunk_length=16, chunks_before=1, causal=True).eval()
     x = torch.randn(2, 96, 16)  # a length no other test uses: the block mask is built inside the compiled region
     padding = torch.ones(2, 96, dtype=torch.bool)
     padding[1, 50:] = False
-    compiled = torch.compile(attn, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        with fast_paths(False):
-            expected = attn(x, padding_mask=padding)
-        with fast_paths(True):
-            got = compiled(x, padding_mask=padding)
-            again = compiled(x, padding_mask=padding)  # now with the cached block mask
-    assert flex_calls
-    torch.testing.assert_close(again, got)
-    torch.testing.assert_close(got[padding], expected[padding], atol=1e-5, rtol=1e-5)
+    assert_compiled_fast_path_matches(attn, x, padding, flex_calls, real_only=True)
 
 
 # GPU: the compiled kernels (block sparsity, full blocks, the padding score_mod) and their backward, which the CPU
 # reference above does not exercise.
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernels need CUDA")
 GPU_COMBOS = [  # causal, chunk, chunks before, after, length; hidden 128, 4 heads of 32, row 0 padded
     (True, 64, 1, 0, 320),  # 320: not a multiple of the 128-token blocks
     (False, 64, 1, 1, 320),
@@ -198,63 +187,23 @@ GPU_COMBOS = [  # causal, chunk, chunks before, after, length; hidden 128, 4 hea
 def gpu_case(causal, chunk, before, after, t, hidden=128):
     torch.manual_seed(0)
     attn = LocalSelfAttention(hidden, 4, 32, chunk, before, after, causal=causal).cuda()
-    x = torch.randn(2, t, hidden, device="cuda", requires_grad=True)
-    padding = torch.ones(2, t, dtype=torch.bool, device="cuda")
-    padding[0, 250:] = False
-    weight = torch.randn(2, t, hidden, device="cuda")  # a loss that weighs every output differently
-
-    def run(fast: bool, bf16: bool):
-        """(output, gradients of the input and of every parameter) with the fast (default) or readable path. The
-        loss reads real positions only: padding queries may differ between the paths."""
-        attn.zero_grad()
-        x.grad = None
-        with fast_paths(None if fast else False), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-            out = attn(x, padding_mask=padding)
-        (out.float()[padding] * weight[padding]).sum().backward()
-        return [out.float()[padding]] + [x.grad.clone()] + [p.grad.clone() for p in attn.parameters()]
-
-    return attn, run
+    assert not attn.covers(t)
+    return attn, gpu_runner(attn, t, hidden)
 
 
 @cuda_only
 @pytest.mark.parametrize("causal,chunk,before,after,t", GPU_COMBOS)
 def test_gpu_fast_path_matches_readable_path_fp32(causal, chunk, before, after, t, flex_calls):
-    attn, run = gpu_case(causal, chunk, before, after, t)
-    assert not attn.covers(t)
-    expected = run(fast=False, bf16=False)
-    assert not flex_calls
-    got = run(fast=True, bf16=False)
-    assert len(flex_calls) == 1
-    torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)  # output
-    for g, e in zip(got[1:], expected[1:]):  # gradients
-        torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-3)
+    check_gpu_fp32(gpu_case(causal, chunk, before, after, t)[1], flex_calls, calls=1)
 
 
 @cuda_only
 @pytest.mark.parametrize("causal,chunk,before,after,t", GPU_COMBOS)
 def test_gpu_fast_path_under_bf16_autocast_is_as_accurate_as_readable_path(causal, chunk, before, after, t,
                                                                             flex_calls):
-    """Under bf16 both paths round differently; each must be about as close to the fp32 result as the other."""
-    _, run = gpu_case(causal, chunk, before, after, t)
-    reference = run(fast=False, bf16=False)
-    readable = run(fast=False, bf16=True)
-    fast = run(fast=True, bf16=True)
-    assert len(flex_calls) == 1
-    for f, r, ref in zip(fast, readable, reference):
-        assert torch.isfinite(f).all()
-        allowed = 2 * (r - ref).abs().max() + 1e-3 * ref.abs().max()
-        assert (f - ref).abs().max() <= allowed, ((f - ref).abs().max(), allowed)
+    check_gpu_bf16(gpu_case(causal, chunk, before, after, t)[1], flex_calls, calls=1)
 
 
 @cuda_only
 def test_gpu_compiled_module_with_fast_path_matches_readable_path(flex_calls):
-    """torch.compile of the whole module: FlexAttention then runs inside the compiled region (flex.py)."""
-    attn, run = gpu_case(True, 64, 1, 0, 448)  # a length of its own: no block mask cached yet
-    expected = run(fast=False, bf16=False)
-    attn.forward = torch.compile(attn.forward)
-    for _ in range(2):  # the block mask is built inside the compiled region, then taken from the cache
-        got = run(fast=True, bf16=False)
-        torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)
-        for g, e in zip(got[1:], expected[1:]):
-            torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-3)
-    assert flex_calls
+    check_gpu_compiled(*gpu_case(True, 64, 1, 0, 448), flex_calls)

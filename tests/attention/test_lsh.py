@@ -17,6 +17,15 @@ from subquadratic.modeling.attention.lsh import (
     total_buckets,
 )
 from subquadratic.modeling.cache import LayerStateCache
+from tests.attention.fast_path_checks import (
+    assert_compiled_fast_path_matches,
+    check_gpu_bf16,
+    check_gpu_compiled,
+    check_gpu_fp32,
+    cuda_only,
+    gpu_runner,
+    record_flex_calls,
+)
 
 
 def _qkv(b=2, h=2, t=32, d=8, seed=0):
@@ -162,16 +171,7 @@ def test_rotations_fresh_in_training_fixed_in_eval_or_with_seed():
 
 @pytest.fixture
 def flex_calls(monkeypatch):
-    """Records each call of the fast path's `flex_attention`, so that a comparison cannot pass without it."""
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
-
-    original = lsh_module.flex_attention
-    monkeypatch.setattr(lsh_module, "flex_attention", spy)
-    return calls
+    return record_flex_calls(monkeypatch, lsh_module)
 
 
 FAST_COMBOS = [  # chunk, length (never a multiple of 128), rounds, buckets, padded from (row 1)
@@ -242,26 +242,15 @@ def test_fast_path_is_skipped_where_it_cannot_run(flex_calls):
 
 
 def test_compiled_module_with_fast_path_matches_readable_path(flex_calls):
-    """torch.compile of the whole module (fullgraph): FlexAttention then runs inside the compiled region."""
     attn = _module(chunk_length=16, num_buckets=8, num_hashes=2).eval()
     x = torch.randn(2, 64, 16)  # a length no other test uses: the block mask is built inside the compiled region
     padding = torch.ones(2, 64, dtype=torch.bool)
     padding[1, 40:] = False
-    compiled = torch.compile(attn, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        with fast_paths(False):
-            expected = attn(x, padding_mask=padding)
-        with fast_paths(True):
-            got = compiled(x, padding_mask=padding)
-            again = compiled(x, padding_mask=padding)  # now with the cached block mask
-    assert flex_calls
-    torch.testing.assert_close(again, got)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_compiled_fast_path_matches(attn, x, padding, flex_calls)
 
 
 # GPU: the compiled kernels (block sparsity, the hash-dependent score_mod) and their backward, including the
 # gradient through the log-sum-exp that weighs the rounds, which the CPU reference above does not exercise.
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernels need CUDA")
 GPU_COMBOS = [  # causal, chunk, rounds, length; hidden 128, 4 heads of 32, row 0 padded from 250
     (True, 64, 4, 320),  # 320: not a multiple of the 128-token blocks
     (False, 64, 1, 320),
@@ -274,60 +263,21 @@ def gpu_case(causal, chunk, rounds, t, hidden=128):
     torch.manual_seed(0)
     # hash_seed: the same fixed rotations in training too, so that both paths hash identically
     attn = LSHSelfAttention(hidden, 4, 32, chunk, num_buckets=8, num_hashes=rounds, causal=causal, hash_seed=1).cuda()
-    x = torch.randn(2, t, hidden, device="cuda", requires_grad=True)
-    padding = torch.ones(2, t, dtype=torch.bool, device="cuda")
-    padding[0, 250:] = False
-    weight = torch.randn(2, t, hidden, device="cuda")  # a loss that weighs every output differently
-
-    def run(fast: bool, bf16: bool):
-        """(output, gradients of the input and of every parameter) with the fast (default) or readable path."""
-        attn.zero_grad()
-        x.grad = None
-        with fast_paths(None if fast else False), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-            out = attn(x, padding_mask=padding)
-        (out.float()[padding] * weight[padding]).sum().backward()
-        return [out.float()[padding]] + [x.grad.clone()] + [p.grad.clone() for p in attn.parameters()]
-
-    return attn, run
+    return attn, gpu_runner(attn, t, hidden)
 
 
 @cuda_only
 @pytest.mark.parametrize("causal,chunk,rounds,t", GPU_COMBOS)
 def test_gpu_fast_path_matches_readable_path_fp32(causal, chunk, rounds, t, flex_calls):
-    _, run = gpu_case(causal, chunk, rounds, t)
-    expected = run(fast=False, bf16=False)
-    assert not flex_calls
-    got = run(fast=True, bf16=False)
-    assert len(flex_calls) == 1
-    torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)  # output
-    for g, e in zip(got[1:], expected[1:]):  # gradients
-        torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-3)
+    check_gpu_fp32(gpu_case(causal, chunk, rounds, t)[1], flex_calls, calls=1)
 
 
 @cuda_only
 @pytest.mark.parametrize("causal,chunk,rounds,t", GPU_COMBOS)
 def test_gpu_fast_path_under_bf16_autocast_is_as_accurate_as_readable_path(causal, chunk, rounds, t, flex_calls):
-    """Under bf16 both paths round differently; each must be about as close to the fp32 result as the other."""
-    _, run = gpu_case(causal, chunk, rounds, t)
-    reference = run(fast=False, bf16=False)
-    readable = run(fast=False, bf16=True)
-    fast = run(fast=True, bf16=True)
-    assert len(flex_calls) == 1
-    for f, r, ref in zip(fast, readable, reference):
-        assert torch.isfinite(f).all()
-        allowed = 2 * (r - ref).abs().max() + 1e-3 * ref.abs().max()
-        assert (f - ref).abs().max() <= allowed, ((f - ref).abs().max(), allowed)
+    check_gpu_bf16(gpu_case(causal, chunk, rounds, t)[1], flex_calls, calls=1)
 
 
 @cuda_only
 def test_gpu_compiled_module_with_fast_path_matches_readable_path(flex_calls):
-    """torch.compile of the whole module: FlexAttention then runs inside the compiled region (flex.py)."""
-    attn, run = gpu_case(True, 64, 2, 448)  # a length of its own: no block mask cached yet
-    expected = run(fast=False, bf16=False)
-    attn.forward = torch.compile(attn.forward)
-    for _ in range(2):  # the block mask is built inside the compiled region, then taken from the cache
-        got = run(fast=True, bf16=False)
-        torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)
-        for g, e in zip(got[1:], expected[1:]):
-            torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-3)
-    assert flex_calls
+    check_gpu_compiled(*gpu_case(True, 64, 2, 448), flex_calls)

@@ -13,6 +13,14 @@ from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.attention.masking import merge_heads, split_heads
 from subquadratic.modeling.attention.sliding_window import SlidingWindowSelfAttention
 from subquadratic.modeling.cache import LayerStateCache
+from tests.attention.fast_path_checks import (
+    check_gpu_bf16,
+    check_gpu_compiled,
+    check_gpu_fp32,
+    cuda_only,
+    gpu_runner,
+    record_flex_calls,
+)
 
 HIDDEN, HEADS = 16, 4
 
@@ -219,16 +227,7 @@ eager_flex = pytest.mark.filterwarnings("ignore:flex_attention called without to
 
 @pytest.fixture
 def flex_calls(monkeypatch):
-    """Records each call of the fast path's `flex_attention`, so that a comparison cannot pass without it."""
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
-
-    original = sliding_window_module.flex_attention
-    monkeypatch.setattr(sliding_window_module, "flex_attention", spy)
-    return calls
+    return record_flex_calls(monkeypatch, sliding_window_module)
 
 
 @eager_flex
@@ -268,7 +267,6 @@ def test_fast_path_is_skipped_where_it_cannot_run(flex_calls):
 
 # GPU: the compiled kernels (block sparsity, full blocks, the padding score_mod) and their backward, which the CPU
 # reference above does not exercise.
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled FlexAttention kernels need CUDA")
 GPU_COMBOS = [  # window, dilation, causal, global tokens; hidden 128, 4 heads of 32, length 333, row 0 padded
     (32, 1, False, ()),
     (32, 1, True, [(0, 3), (1, 160), (1, 170)]),  # 170 is a global token inside 160's window
@@ -280,66 +278,29 @@ GPU_COMBOS = [  # window, dilation, causal, global tokens; hidden 128, 4 heads o
 def gpu_case(window, dilation, causal, global_at, t=333, hidden=128):
     torch.manual_seed(0)
     module = SlidingWindowSelfAttention(hidden, 4, window, dilation, causal=causal).cuda()
-    x = torch.randn(2, t, hidden, device="cuda", requires_grad=True)
-    padding = torch.ones(2, t, dtype=torch.bool, device="cuda")
-    padding[0, 250:] = False
     glob = None
     if global_at:
         glob = torch.zeros(2, t, dtype=torch.bool, device="cuda")
         for row, col in global_at:
             glob[row, col] = True
-    weight = torch.randn(2, t, hidden, device="cuda")  # a loss that weighs every output differently
-
-    def run(fast: bool, bf16: bool):
-        """(output, gradients of the input and of every parameter) with the fast (opt-in) or readable path."""
-        module.zero_grad()
-        x.grad = None
-        with fast_paths(fast), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-            out = module(x, padding_mask=padding, global_mask=glob)
-        (out.float()[padding] * weight[padding]).sum().backward()
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
-        return [out.float()[padding], x.grad.clone()] + grads  # the global projections: no grad without globals
-
-    return module, run
+    return module, gpu_runner(module, t, hidden, global_mask=glob)
 
 
 @cuda_only
 @pytest.mark.parametrize("window,dilation,causal,global_at", GPU_COMBOS)
 def test_gpu_fast_path_matches_readable_path_fp32(window, dilation, causal, global_at, flex_calls):
     module, run = gpu_case(window, dilation, causal, global_at)
-    expected = run(fast=False, bf16=False)
-    assert not flex_calls
-    got = run(fast=True, bf16=False)
-    assert len(flex_calls) == len(module.head_groups)
-    torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)  # output
-    for g, e in zip(got[1:], expected[1:]):  # gradients
-        torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-3)
+    check_gpu_fp32(run, flex_calls, calls=len(module.head_groups))
 
 
 @cuda_only
 @pytest.mark.parametrize("window,dilation,causal,global_at", GPU_COMBOS)
 def test_gpu_fast_path_under_bf16_autocast_is_as_accurate_as_readable_path(window, dilation, causal, global_at,
                                                                             flex_calls):
-    """Under bf16 both paths round differently; each must be about as close to the fp32 result as the other."""
     module, run = gpu_case(window, dilation, causal, global_at)
-    reference = run(fast=False, bf16=False)
-    readable = run(fast=False, bf16=True)
-    fast = run(fast=True, bf16=True)
-    assert len(flex_calls) == len(module.head_groups)
-    for f, r, ref in zip(fast, readable, reference):
-        assert torch.isfinite(f).all()
-        allowed = 2 * (r - ref).abs().max() + 1e-3 * ref.abs().max()
-        assert (f - ref).abs().max() <= allowed, ((f - ref).abs().max(), allowed)
+    check_gpu_bf16(run, flex_calls, calls=len(module.head_groups))
 
 
 @cuda_only
 def test_gpu_compiled_module_with_fast_path_matches_readable_path(flex_calls):
-    """torch.compile of the whole module: FlexAttention then runs inside the compiled region (flex.py)."""
-    module, run = gpu_case(32, [1, 2, 3, 1], False, [(0, 3), (1, 160), (1, 170)])
-    expected = run(fast=False, bf16=False)
-    module.forward = torch.compile(module.forward)
-    got = run(fast=True, bf16=False)
-    assert flex_calls
-    torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)
-    for g, e in zip(got[1:], expected[1:]):
-        torch.testing.assert_close(g, e, atol=2e-4, rtol=1e-3)
+    check_gpu_compiled(*gpu_case(32, [1, 2, 3, 1], False, [(0, 3), (1, 160), (1, 170)]), flex_calls)
