@@ -281,3 +281,22 @@ def test_gpu_fast_path_under_bf16_autocast_is_as_accurate_as_readable_path(causa
 @cuda_only
 def test_gpu_compiled_module_with_fast_path_matches_readable_path(flex_calls):
     check_gpu_compiled(*gpu_case(True, 64, 2, 448), flex_calls)
+
+
+@pytest.mark.parametrize("num_buckets", [8, [4, 6]])
+def test_buckets_are_the_argmax_over_rotations_and_their_negation(num_buckets):
+    """The hash avoids forming [x, -x]; it must pick the same bucket as argmax over it (Reformer, section 2),
+    first maximum included: small integer coordinates make ties between x and -x and inside x common."""
+    torch.manual_seed(0)
+    vectors = torch.randint(-2, 3, (2, 3, 50, 4)).float()
+    rotations = torch.randint(-1, 2, (3, 4, rotation_width(num_buckets))).float()
+    got = hash_vectors(vectors, rotations, num_buckets)
+    rotated = torch.einsum("bhtd,rdk->bhrtk", vectors, rotations)
+    sizes = num_buckets if isinstance(num_buckets, list) else [num_buckets]
+    expected, stride, start = 0, 1, 0
+    for size in sizes:
+        part = rotated[..., start:start + size // 2]
+        expected = expected + stride * torch.cat([part, -part], dim=-1).argmax(dim=-1)
+        stride, start = stride * size, start + size // 2
+    assert (rotated == 0).any()  # ties do occur
+    assert torch.equal(got, expected)

@@ -53,17 +53,32 @@ def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: in
     if total_buckets(num_buckets) == 1:
         buckets = vectors.new_zeros((b, h, num_rounds, t), dtype=torch.long)
     else:
-        with torch.autocast(device_type=vectors.device.type, enabled=False):
-            rotated = torch.einsum("bhtd,rdk->bhrtk", vectors.float(), rotations.float())
-        sizes = list(num_buckets) if isinstance(num_buckets, (list, tuple)) else [num_buckets]
-        buckets, stride, start = 0, 1, 0
-        for size in sizes:  # factorised buckets: b1-bucket + b1 * b2-bucket
-            part = rotated[..., start:start + size // 2]
-            buckets = buckets + stride * torch.cat([part, -part], dim=-1).argmax(dim=-1)
-            stride, start = stride * size, start + size // 2
+        # One round at a time and without autograd: buckets have no gradient, and the rotated vectors of all
+        # rounds at once (B, H, R, T, num_buckets / 2, with num_buckets growing with T) are what would dominate
+        # peak memory at long lengths.
+        with torch.no_grad(), torch.autocast(device_type=vectors.device.type, enabled=False):
+            vectors = vectors.float()
+            buckets = torch.stack([_round_buckets(vectors @ rotations[r].float(), num_buckets)
+                                   for r in range(num_rounds)], dim=2)
     if padding_mask is not None:
         pad = ~padding_mask.bool()[:, None, None, :]
         buckets = buckets.masked_fill(pad, total_buckets(num_buckets))
+    return buckets
+
+
+def _round_buckets(rotated: torch.Tensor, num_buckets: int | list[int]) -> torch.Tensor:
+    """(..., rotation_width) rotated vectors of one round -> (...) bucket ids.
+
+    A bucket of size s is argmax over [x, -x] of the s/2 rotated coordinates x (Reformer, section 2), computed
+    without forming [x, -x]: the first maximum is in x when max(x) >= max(-x), else at s/2 + argmin(x)."""
+    sizes = list(num_buckets) if isinstance(num_buckets, (list, tuple)) else [num_buckets]
+    buckets, stride, start = 0, 1, 0
+    for size in sizes:  # factorised buckets: b1-bucket + b1 * b2-bucket
+        part = rotated[..., start:start + size // 2]
+        top, bottom = part.max(dim=-1), part.min(dim=-1)
+        bucket = torch.where(top.values >= -bottom.values, top.indices, bottom.indices + size // 2)
+        buckets = buckets + stride * bucket
+        stride, start = stride * size, start + size // 2
     return buckets
 
 
