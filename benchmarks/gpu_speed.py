@@ -663,6 +663,56 @@ def _fmt_ratio(value) -> str:
     return f"{value:.2f}"
 
 
+def growth_exponents(rows: list[dict], dtype: str = "bf16", mode: str = "train", low: int = 4096,
+                     high: int = 65536) -> dict[str, dict]:
+    """Per contender: the slope of log(peak memory) and of log(step time) against log(length), fitted by least
+    squares over its measured lengths in [low, high] (1.0 = linear growth, 2.0 = quadratic); at least 2 lengths."""
+    out = {}
+    for name in dict.fromkeys(r["contender"] for r in rows):
+        points = sorted((r["length"], r["peak_gib"], r["median_s"]) for r in rows
+                        if r["contender"] == name and r["dtype"] == dtype and r["mode"] == mode
+                        and low <= r["length"] <= high and r["tokens_per_s"])
+        if len(points) < 2:
+            continue
+        xs = [math.log(n) for n, _, _ in points]
+        out[name] = dict(lengths=[n for n, _, _ in points], memory=_slope(xs, [math.log(m) for _, m, _ in points]),
+                         time=_slope(xs, [math.log(t) for _, _, t in points]))
+    return out
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def plot(rows: list[dict], path: str, dtype: str = "bf16", mode: str = "train") -> bool:
+    """Tokens/s and peak memory against length (log-log), one line per contender; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return False
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r["contender"] for r in rows):
+        points = sorted((r["length"], r["tokens_per_s"], r["peak_gib"]) for r in rows
+                        if r["contender"] == name and r["dtype"] == dtype and r["mode"] == mode and r["tokens_per_s"])
+        if points:
+            style = "-" if name.startswith("ours") else "--"
+            speed.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=name)
+            memory.plot([p[0] for p in points], [p[2] for p in points], style, marker="o", label=name)
+    for ax, label in ((speed, "training tokens/s"), (memory, "peak memory (GiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel=label)
+        ax.grid(True, which="both", alpha=0.3)
+    speed.legend(fontsize=7)
+    fig.suptitle(f"{mode} step, {dtype}, batch 1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
 def report(rows: list[dict], environment: dict) -> str:
     env = environment
     lines = [f"## gpu_speed: {env['device']} | torch {env['torch']} (CUDA {env['cuda']}) | transformers "
@@ -711,6 +761,11 @@ def report(rows: list[dict], environment: dict) -> str:
             else:
                 parts.append(f"{ours}: {c['vs']} not measured")
         lines += ["", "crossover (train bf16): " + "; ".join(parts)]
+    growth = growth_exponents(rows)
+    if growth:
+        lines += ["", "growth exponents, train bf16 (slope of log y against log length; 1 = linear):"]
+        lines += [f"- {name}: memory {g['memory']:.2f}, step time {g['time']:.2f} (lengths {', '.join(map(str, g['lengths']))})"
+                  for name, g in growth.items()]
     return "\n".join(lines)
 
 
@@ -773,6 +828,8 @@ def parse_args(argv=None):
                         help="no case starts after this many seconds (default 540)")
     parser.add_argument("--json", help="write every row, the ratios and the environment here (after every case)")
     parser.add_argument("--markdown", help="also write the final report here")
+    parser.add_argument("--plot", help="also draw tokens/s and peak memory against length (train bf16) to this PNG")
+    parser.add_argument("--report-from", metavar="JSON", help="no run: print the report (and --plot) of a saved --json")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes (2 layers, hidden 64, lengths 256 512, 1 repeat), runs on CPU: a smoke test")
     parser.add_argument("--flex-on-cpu", action="store_true", help="run flex-sliding on CPU too (compiles: slow)")
@@ -789,6 +846,12 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     global SIZE, DEVICE, FLEX_ON_CPU
     args = parse_args(argv)
+    if args.report_from:
+        saved = json.loads(Path(args.report_from).read_text())
+        print(report(saved["rows"], saved["environment"]))
+        if args.plot:
+            plot(saved["rows"], args.plot)
+        return 0
     if not torch.cuda.is_available() and not args.quick:
         print("gpu_speed: no CUDA GPU here, nothing to measure (exit 0); --quick runs a tiny CPU smoke test.")
         return 0
@@ -808,6 +871,8 @@ def main(argv=None) -> int:
         _write_json(args.json, env, rows)
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
+    if args.plot:
+        plot(rows, args.plot)
     print("\n" + text, flush=True)
     return 128 + signal.SIGTERM if _SIGNAL["stop"] else 0
 

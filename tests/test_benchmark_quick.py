@@ -86,3 +86,31 @@ def test_quick_reports_environment_ratios_and_crossover(quick):
 def test_without_gpu_a_full_run_exits_cleanly():
     out = _run("--lengths", "1024")
     assert out.returncode == 0 and "no CUDA GPU" in out.stdout, out.stdout + out.stderr
+
+
+def _load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_speed"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_growth_exponents_and_the_report_of_a_saved_run(tmp_path):
+    gpu_speed = _load_script()
+    rows = [dict(contender=name, length=n, dtype="bf16", mode="train", status="ok", tokens_per_s=n / t,
+                 median_s=t, times_s=[t], first_step_s=t, peak_gib=m, parameters=1, first_loss=1.0, repeats=1)
+            for name, scale in (("linear", 1), ("quadratic", 2))
+            for n, t, m in [(n, 1e-9 * n ** scale, 1e-6 * n ** scale) for n in (4096, 16384, 65536)]]
+    growth = gpu_speed.growth_exponents(rows)
+    assert growth["linear"]["memory"] == pytest.approx(1.0) and growth["quadratic"]["time"] == pytest.approx(2.0)
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(dict(environment=dict(device="X", torch="t", cuda="c", transformers="v", date="d",
+                                                      command="cmd", shape="s", warmup=1, repeats=1,
+                                                      float32_matmul_precision="highest", packages="none"),
+                                     rows=rows)))
+    out = _run("--report-from", str(saved))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "- quadratic: memory 2.00, step time 2.00" in out.stdout
