@@ -6,18 +6,36 @@ chunked mechanisms reduce to inside each chunk."""
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from .masking import MASK_VALUE, masked_softmax
+from .masking import MASK_VALUE, softmax_with_lse
+
+
+def _weighted_values(probs: torch.Tensor, value: torch.Tensor, dropout: torch.nn.Module | None) -> torch.Tensor:
+    if dropout is not None:
+        probs = dropout(probs)
+    return torch.matmul(probs.to(value.dtype), value)
 
 
 def dense_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
                  scale: float, dropout: torch.nn.Module | None = None, self_mask: torch.Tensor | None = None):
     """query (..., Q, D), key/value (..., K, D), allowed/self_mask broadcastable to (..., Q, K).
 
-    Returns (out (..., Q, D) in value's dtype, logsumexp (..., Q) in fp32)."""
+    Returns (out (..., Q, D) in value's dtype, logsumexp (..., Q) in fp32).
+
+    Memory for backward: the softmax keeps its fp32 probabilities only (`softmax_with_lse`). When the matmul with
+    the values would keep another (..., Q, K) tensor -- the probabilities after dropout, or their copy in a lower
+    dtype (value's, or autocast's) -- that step is recomputed in backward from the fp32 probabilities instead
+    (`checkpoint` replays the same dropout mask), so results and gradients are those of the plain formula."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-    probs, lse = masked_softmax(scores, allowed, dropout, self_mask)
-    return torch.matmul(probs.to(value.dtype), value), lse
+    probs, lse = softmax_with_lse(scores, allowed, self_mask)
+    dropping = dropout is not None and dropout.training
+    copies = dropping or value.dtype != probs.dtype or torch.is_autocast_enabled(value.device.type)
+    if copies and torch.is_grad_enabled() and (probs.requires_grad or value.requires_grad):
+        out = checkpoint(_weighted_values, probs, value, dropout, use_reentrant=False)
+    else:
+        out = _weighted_values(probs, value, dropout)
+    return out, lse
 
 
 def full_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_ok: torch.Tensor | None,
@@ -26,7 +44,7 @@ def full_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key
     mechanisms whose window covers the whole sequence, where their result is exactly full attention.
 
     query/key/value (B, H, T, D); key_ok (B, T) bool, True for keys that may be attended. The mask is additive
-    and finite (MASK_VALUE), as in `masked_softmax`, so a query with no allowed key averages instead of giving
+    and finite (MASK_VALUE), as in `softmax_with_lse`, so a query with no allowed key averages instead of giving
     NaN. Returns (B, H, T, D)."""
     t = key.shape[2]
     mask = None
