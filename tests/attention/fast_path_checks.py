@@ -23,6 +23,16 @@ def record_flex_calls(monkeypatch, module) -> list:
     return calls
 
 
+def readable_and_fast(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` without gradients, on the readable path and then with the fast path forced."""
+    with torch.no_grad():
+        with fast_paths(False):
+            readable = fn(*args, **kwargs)
+        with fast_paths(True):
+            fast = fn(*args, **kwargs)
+    return readable, fast
+
+
 def assert_fp32_match(got: list, expected: list) -> None:
     """[output, gradients...] of the fast path against the readable path's, in fp32."""
     torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)

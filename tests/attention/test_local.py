@@ -17,6 +17,7 @@ from tests.attention.fast_path_checks import (
     check_gpu_fp32,
     cuda_only,
     gpu_runner,
+    readable_and_fast,
     record_flex_calls,
 )
 
@@ -113,12 +114,7 @@ def test_fast_path_matches_readable_path(chunk, t, before, after, pad_from, caus
     if pad_from is not None:
         padding[1, pad_from:] = False
     mask = None if pad_from is None else padding
-    with torch.no_grad():
-        with fast_paths(False):
-            expected = local_attend(q, k, v, chunk, before, after, causal, mask)
-        assert not flex_calls
-        with fast_paths(True):
-            got = local_attend(q, k, v, chunk, before, after, causal, mask)
+    expected, got = readable_and_fast(local_attend, q, k, v, chunk, before, after, causal, mask)
     assert flex_calls == [(2, 2, t, 8)]
     # a padding query may see no real key: its (unused) output then differs between the paths, but is finite
     real = padding[:, None, :].expand(-1, 2, -1)
@@ -133,11 +129,7 @@ def test_fast_path_of_the_module_matches_readable_path(causal, flex_calls):
     x = torch.randn(2, 64, 16)
     padding = torch.ones(2, 64, dtype=torch.bool)
     padding[0, 45:] = False
-    with torch.no_grad():
-        with fast_paths(False):
-            expected = attn(x, padding_mask=padding)
-        with fast_paths(True):
-            got = attn(x, padding_mask=padding)
+    expected, got = readable_and_fast(attn, x, padding_mask=padding)
     assert len(flex_calls) == 1
     torch.testing.assert_close(got[padding], expected[padding], atol=1e-5, rtol=1e-5)
 

@@ -24,6 +24,7 @@ from tests.attention.fast_path_checks import (
     check_gpu_fp32,
     cuda_only,
     gpu_runner,
+    readable_and_fast,
     record_flex_calls,
 )
 
@@ -194,12 +195,7 @@ def test_fast_path_matches_readable_path(chunk, t, rounds, num_buckets, pad_from
     rotations = torch.randn(rounds, 8, rotation_width(num_buckets), generator=torch.Generator().manual_seed(1))
     buckets = hash_vectors(q, rotations, num_buckets, padding)  # one hashing for both paths
     assert len(buckets[0, 0, 0].unique()) > 2
-    with torch.no_grad():
-        with fast_paths(False):
-            expected = lsh_attend(q, k, v, buckets, chunk, causal)
-        assert not flex_calls
-        with fast_paths(True):
-            got = lsh_attend(q, k, v, buckets, chunk, causal)
+    expected, got = readable_and_fast(lsh_attend, q, k, v, buckets, chunk, causal)
     assert flex_calls == [(2, 2 * rounds, t, 8)]  # one call, the rounds as extra heads
     # padding tokens attend among themselves in both paths, so every position agrees
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -211,11 +207,7 @@ def test_fast_path_of_the_module_matches_readable_path(causal, flex_calls):
     x = torch.randn(2, 48, 16)
     padding = torch.ones(2, 48, dtype=torch.bool)
     padding[0, 37:] = False
-    with torch.no_grad():
-        with fast_paths(False):
-            expected = attn(x, padding_mask=padding)
-        with fast_paths(True):
-            got = attn(x, padding_mask=padding)
+    expected, got = readable_and_fast(attn, x, padding_mask=padding)
     assert len(flex_calls) == 1
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

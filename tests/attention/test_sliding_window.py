@@ -19,6 +19,7 @@ from tests.attention.fast_path_checks import (
     check_gpu_fp32,
     cuda_only,
     gpu_runner,
+    readable_and_fast,
     record_flex_calls,
 )
 
@@ -235,12 +236,7 @@ def flex_calls(monkeypatch):
 def test_fast_path_matches_readable_path(window, dilation, causal, t, pad_from, global_at, flex_calls):
     module = make(window, dilation, causal)
     x, padding, glob = inputs(2, t, pad_from, global_at)
-    with torch.no_grad():
-        with fast_paths(False):
-            expected = module(x, padding_mask=padding, global_mask=glob)
-        assert not flex_calls
-        with fast_paths(True):
-            got = module(x, padding_mask=padding, global_mask=glob)
+    expected, got = readable_and_fast(module, x, padding_mask=padding, global_mask=glob)
     assert len(flex_calls) == len(module.head_groups)  # one call per dilation group
     real = torch.ones(2, t, dtype=torch.bool) if padding is None else padding
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-4)
