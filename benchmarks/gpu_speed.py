@@ -29,6 +29,10 @@ Contenders (`--contenders`; all by default):
   ours-longformer-dilated  the same, dilation 2 in half of the heads of every layer, 1 in the others
   ours-linformer           LinformerForMaskedLM, k = 256, one E and F per layer shared by its heads ("headwise",
                            as pkg-linformer), max_position_embeddings = L
+  (ours-* run each mechanism's default path: FlexAttention / SDPA fast paths on CUDA, except the sliding window)
+  ours-reformer-readable   ours-reformer on its readable PyTorch paths (`fast_paths(False)`)
+  ours-linformer-readable  ours-linformer on its readable path
+  ours-longformer-flex     ours-longformer with its opt-in FlexAttention window path (`fast_paths(True)`)
   hf-reformer              transformers.ReformerModelWithLMHead, the settings of ours-reformer
   hf-longformer            transformers.LongformerForMaskedLM, attention_window 512
   sdpa-full                a plain pre-LN Transformer written here, bidirectional
@@ -395,6 +399,9 @@ CONTENDERS = {
     "ours-longformer-global": build_ours_longformer,
     "ours-longformer-dilated": build_ours_longformer,
     "ours-linformer": build_ours_linformer,
+    "ours-reformer-readable": build_ours_reformer,
+    "ours-longformer-flex": build_ours_longformer,
+    "ours-linformer-readable": build_ours_linformer,
     "hf-reformer": build_hf_reformer,
     "hf-longformer": build_hf_longformer,
     "sdpa-full": build_sdpa,
@@ -418,6 +425,9 @@ COMPARE = {  # ours -> {column: contender}
     "ours-linformer": {"pkg": "pkg-linformer", "sdpa": "sdpa-full", "flex": "flex-sliding"},
 }
 COLUMNS = ("hf", "pkg", "sdpa", "flex")
+# Contenders that run ours with the attention paths forced (`flex.set_fast_paths` for the whole case, since the
+# Reformer's reversible backward runs the forward again): the readable paths, and the opt-in sliding-window one.
+FORCED_PATHS = {"ours-reformer-readable": False, "ours-linformer-readable": False, "ours-longformer-flex": True}
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -458,6 +468,9 @@ def run_case(name: str, length: int, dtype: str, mode: str, warmup: int, repeats
     torch.manual_seed(0)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    from subquadratic.modeling.attention.flex import set_fast_paths
+
+    set_fast_paths(FORCED_PATHS.get(name))  # None: each mechanism's own default
     model, loss_fn = CONTENDERS[name](name, length)
     model.train(train)
     parameters = sum(p.numel() for p in model.parameters())
