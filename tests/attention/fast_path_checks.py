@@ -33,6 +33,18 @@ def readable_and_fast(fn, *args, **kwargs):
     return readable, fast
 
 
+def assert_dropout_and_cpu_backward_stay_readable(module, x, flex_calls: list, **kwargs) -> None:
+    """Even with fast paths forced, attention dropout while training and gradients on CPU (FlexAttention has no
+    CPU backward) run the readable path. Leaves ``module`` training with dropout 0."""
+    with fast_paths(True):
+        with torch.no_grad():
+            module(x, **kwargs)
+        assert not flex_calls
+        module.dropout.p = 0.0
+        module(x.requires_grad_(True), **kwargs).sum().backward()
+        assert not flex_calls
+
+
 def assert_fp32_match(got: list, expected: list) -> None:
     """[output, gradients...] of the fast path against the readable path's, in fp32."""
     torch.testing.assert_close(got[0], expected[0], atol=5e-5, rtol=1e-4)
