@@ -6,37 +6,38 @@ import pytest
 import torch
 
 from subquadratic.modeling.attention import flex
-from subquadratic.modeling.attention.flex import fast_paths, set_fast_paths, use_flex
+from subquadratic.modeling.attention.flex import fast_paths, set_fast_paths, use_fast_path
 
 CUDA_TENSOR = SimpleNamespace(is_cuda=True, requires_grad=True)  # stands in for a CUDA tensor on CPU-only CI
 
 
 def test_default_is_fast_on_cuda_readable_on_cpu_and_opt_in_mechanisms_stay_readable():
-    assert use_flex(CUDA_TENSOR)
-    assert not use_flex(CUDA_TENSOR, auto=False)  # a mechanism whose fast path is opt-in
-    assert not use_flex(torch.zeros(2))
+    assert use_fast_path(CUDA_TENSOR)
+    assert not use_fast_path(CUDA_TENSOR, auto=False)  # a mechanism whose fast path is opt-in
+    assert not use_fast_path(torch.zeros(2))
 
 
 def test_forcing_and_forbidding_apply_to_every_mechanism():
     with fast_paths(True):
-        assert use_flex(CUDA_TENSOR, auto=False)
-        assert use_flex(torch.zeros(2))  # forward-only checks on CPU
-        assert not use_flex(torch.zeros(2, requires_grad=True))  # no FlexAttention backward on CPU
+        assert use_fast_path(CUDA_TENSOR, auto=False)
+        assert use_fast_path(torch.zeros(2))  # forward-only checks on CPU
+        assert not use_fast_path(torch.zeros(2, requires_grad=True))  # no FlexAttention backward on CPU
+        assert use_fast_path(torch.zeros(2, requires_grad=True), flex=False)  # SDPA paths train on CPU too
     with fast_paths(False):
-        assert not use_flex(CUDA_TENSOR)
+        assert not use_fast_path(CUDA_TENSOR)
 
 
 def test_scopes_nest_and_restore_and_the_process_default_applies_outside_them():
     with fast_paths(False):
         with fast_paths(True):
-            assert use_flex(CUDA_TENSOR, auto=False)
-        assert not use_flex(CUDA_TENSOR)
-    assert use_flex(CUDA_TENSOR)
+            assert use_fast_path(CUDA_TENSOR, auto=False)
+        assert not use_fast_path(CUDA_TENSOR)
+    assert use_fast_path(CUDA_TENSOR)
     try:
         set_fast_paths(False)
-        assert not use_flex(CUDA_TENSOR)
+        assert not use_fast_path(CUDA_TENSOR)
         with fast_paths(None):
-            assert use_flex(CUDA_TENSOR)
+            assert use_fast_path(CUDA_TENSOR)
     finally:
         set_fast_paths(None)
 

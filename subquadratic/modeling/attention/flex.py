@@ -69,21 +69,29 @@ def fast_paths(enabled: bool | None) -> Iterator[None]:
             _STATE.enabled = previous
 
 
-def use_flex(tensor: torch.Tensor, auto: bool = True) -> bool:
-    """Whether a mechanism given ``tensor`` should take its FlexAttention path.
+def use_fast_path(tensor: torch.Tensor, auto: bool = True, flex: bool = True) -> bool:
+    """Whether a mechanism given ``tensor`` should take its fast path.
 
     ``auto``: whether the mechanism's fast path is on by default (`fast_paths(None)`) on CUDA; a mechanism whose
-    fast path is not yet known to pay (see BENCHMARKS.md) passes False and runs it only under `fast_paths(True)`."""
-    if not flex_available():
+    fast path is not yet known to pay (see BENCHMARKS.md) passes False and runs it only under `fast_paths(True)`.
+    ``flex``: whether the fast path is FlexAttention (which needs torch >= 2.5 and has no backward on CPU) rather
+    than, say, `scaled_dot_product_attention`."""
+    if flex and not flex_available():
         return False
     enabled = getattr(_STATE, "enabled", "unset")
     if enabled == "unset":
         enabled = _DEFAULT[0]
     if enabled is None:
         return auto and tensor.is_cuda
-    if enabled and tensor.requires_grad and not tensor.is_cuda:
+    if flex and enabled and tensor.requires_grad and not tensor.is_cuda:
         return False  # no backward pass on CPU: the readable path keeps training correct there
     return enabled
+
+
+def flex_can_run(query: torch.Tensor, dropout: torch.nn.Module | None, auto: bool = True) -> bool:
+    """`use_fast_path` for a FlexAttention path, and no attention dropout active (FlexAttention has none)."""
+    dropout_active = dropout is not None and dropout.training and dropout.p > 0
+    return not dropout_active and use_fast_path(query, auto)
 
 
 @functools.cache

@@ -30,15 +30,8 @@ from torch import nn
 
 from ...configuration.linformer import PROJECTION_KINDS, SHARING_MODES
 from .dense import dense_attend, full_attend
-from .flex import use_flex
+from .flex import use_fast_path
 from .masking import merge_heads, split_heads
-
-
-def use_fast_path(tensor: torch.Tensor) -> bool:
-    """The `fast_paths` switch of the FlexAttention modules. `use_flex` keeps CPU tensors that need gradients on
-    the readable path because FlexAttention has no CPU backward; SDPA has one, so only the device and the setting
-    count here (hence the detach)."""
-    return use_flex(tensor.detach())
 
 
 class SequenceProjection(nn.Module):
@@ -188,7 +181,7 @@ class LinformerSelfAttention(nn.Module):
             key_projection = self.key_projection
             value_projection = self.value_projection or key_projection
         query = split_heads(self.query(hidden_states), self.num_heads)  # (B, H, T, D)
-        fast = use_fast_path(query)
+        fast = use_fast_path(query, flex=False)  # SDPA: any torch, with a CPU backward
         if fast and key_projection.shared_linear:
             if key_projection is value_projection:
                 (key, value), slots = project_inputs_first(key_projection, [self.key, self.value], hidden_states,

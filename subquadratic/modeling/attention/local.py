@@ -3,7 +3,7 @@ itself, `chunks_before` chunks before it and `chunks_after` chunks after it (Ref
 attention of the Image Transformer and of `local-attention`). Which keys a query sees depends only on positions, so
 causal local attention is exactly causal.
 
-The allowed pairs form a static band of chunks, so where `flex.use_flex` says so (CUDA by default) the attention
+The allowed pairs form a static band of chunks, so where `flex.use_fast_path` says so (CUDA by default) the attention
 runs through FlexAttention with a cached block mask of that band; padding, which changes per batch, is applied by a
 score_mod instead, so that the block mask stays cacheable."""
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from ..cache import LayerStateCache
 from .dense import dense_attend, full_attend
-from .flex import cached_block_mask, flex_attention, use_flex
+from .flex import cached_block_mask, flex_attention, flex_can_run
 from .masking import MASK_VALUE, merge_heads, split_heads
 
 
@@ -35,13 +35,6 @@ def chunk_band(chunk_length: int, chunks_before: int, chunks_after: int, causal:
         allowed = (back <= chunks_before) & (back >= -chunks_after)
         return allowed & (kv_idx <= q_idx) if causal else allowed
     return mask_mod
-
-
-def flex_can_run(query: torch.Tensor, dropout: nn.Module | None) -> bool:
-    """Whether the FlexAttention path should run: `flex.use_flex` agrees and no attention dropout is active
-    (FlexAttention has none)."""
-    dropout_active = dropout is not None and dropout.training and dropout.p > 0
-    return not dropout_active and use_flex(query)
 
 
 def local_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunk_length: int, chunks_before: int,

@@ -12,7 +12,7 @@ earlier tokens, so changing a later token can never change an earlier output (wi
 a later token moves the boundaries of the sorted order). Padding tokens hash to an extra bucket of their own, so
 they never share a chunk slot with real tokens and the amount of padding cannot change any real output.
 
-Within each round this is local attention over the sorted sequence, so where `flex.use_flex` says so (CUDA by
+Within each round this is local attention over the sorted sequence, so where `flex.use_fast_path` says so (CUDA by
 default) it runs through FlexAttention: the rounds become extra heads, the static chunk band is a cached block mask,
 and what depends on the hashes (same bucket, original positions) is applied by a score_mod.
 """
@@ -26,8 +26,8 @@ from torch import nn
 
 from ..cache import LayerStateCache
 from .dense import dense_attend
-from .flex import cached_block_mask, flex_attention
-from .local import chunk_band, flex_can_run
+from .flex import cached_block_mask, flex_attention, flex_can_run
+from .local import chunk_band
 from .masking import MASK_VALUE, SELF_MASK_VALUE, merge_heads, split_heads
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..cache import LayerStateCache
 from .dense import dense_attend, full_attend
-from .flex import cached_block_mask, flex_attention, use_flex
+from .flex import cached_block_mask, flex_attention, flex_can_run
 from .masking import MASK_VALUE, merge_heads, split_heads
 
 
@@ -211,8 +211,8 @@ class SlidingWindowSelfAttention(nn.Module):
     def _window_part(self, query, key, value, key_ok):
         """Window attention of every head, grouped by dilation. Returns (out (B, H, T, D), lse (B, H, T))."""
         # Opt-in (auto=False): its first compiled training step at 16K tokens did not end within 200 s on an H100
-        # (torch 2.11), which no user should meet by default; FlexAttention has no dropout.
-        if use_flex(query, auto=False) and not (self.training and self.dropout.p > 0):
+        # (torch 2.11), which no user should meet by default.
+        if flex_can_run(query, self.dropout, auto=False):
             attend = flex_window_attend
         else:
             attend = functools.partial(sliding_window_attend, dropout=self.dropout)
