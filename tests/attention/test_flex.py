@@ -64,3 +64,42 @@ def test_block_masks_are_built_once_per_key():
     assert again is first and other is not first
     dense = first.to_dense()[0, 0]  # (q blocks, kv blocks): the band touches the diagonal and its neighbours only
     assert dense.shape == (4, 4) and dense.diagonal().all() and not dense[0, 3]
+
+
+def _blocks(mask):
+    """The partial and full blocks of a BlockMask, as dense (B, H, q blocks, kv blocks) tables."""
+    dense = mask.to_dense()
+    full = torch.zeros_like(dense)
+    counts, indices = mask.full_kv_num_blocks, mask.full_kv_indices
+    for row in range(dense.shape[2]):
+        full[0, 0, row, indices[0, 0, row, :counts[0, 0, row]].long()] = 1
+    return dense - full, full
+
+
+def _band(before, after, segment):
+    def mask_mod(b, h, q, k):  # a band inside segments of `segment` positions, like the sliding window's classes
+        return (q // segment == k // segment) & (q - k <= before) & (k - q <= after)
+    return mask_mod
+
+
+@pytest.mark.parametrize("q_len, kv_len, before, after, segment", [
+    (200, 200, 17, 9, 1000), (256, 256, 40, 40, 96), (130, 130, 130, 0, 1000), (96, 160, 33, 70, 1000)])
+@pytest.mark.parametrize("use_reach", [True, False])
+@pytest.mark.parametrize("chunk_elements", [300, 1 << 24])
+def test_eager_block_masks_match_create_block_mask(monkeypatch, q_len, kv_len, before, after, segment, use_reach,
+                                                   chunk_elements):
+    """Same partial and full blocks (so the same kernel work and results) as torch's create_block_mask, whether
+    the mask is evaluated in one piece or band by band, with or without the reach promise; lengths that do not
+    fill the last block included."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    monkeypatch.setattr(flex, "_MASK_CHUNK_ELEMENTS", chunk_elements)
+    mask_mod = _band(before, after, segment)
+    reach = (before, after) if use_reach else None
+    ours = flex.build_block_mask(mask_mod, None, None, q_len, kv_len, "cpu", block_size=16, reach=reach)
+    theirs = create_block_mask(mask_mod, None, None, q_len, kv_len, "cpu", BLOCK_SIZE=16)
+    for mine, torchs in zip(_blocks(ours), _blocks(theirs)):
+        assert torch.equal(mine, torchs)
+    assert ours.seq_lengths == (q_len, kv_len)
+    assert torch.equal(ours.q_num_blocks, theirs.q_num_blocks)  # the transposed (backward) side too
+    assert torch.equal(ours.full_q_num_blocks, theirs.full_q_num_blocks)

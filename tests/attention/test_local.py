@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from subquadratic.modeling.attention import local as local_module
-from subquadratic.modeling.attention.flex import fast_paths
-from subquadratic.modeling.attention.local import LocalSelfAttention, local_attend, local_attend_cached
+from subquadratic.modeling.attention.flex import build_block_mask, fast_paths
+from subquadratic.modeling.attention.local import (
+    LocalSelfAttention,
+    chunk_band,
+    chunk_reach,
+    local_attend,
+    local_attend_cached,
+)
 from subquadratic.modeling.cache import LayerStateCache
 from tests.attention.fast_path_checks import (
     assert_compiled_fast_path_matches,
@@ -195,3 +201,19 @@ def test_gpu_fast_path_under_bf16_autocast_is_as_accurate_as_readable_path(causa
 @cuda_only
 def test_gpu_compiled_module_with_fast_path_matches_readable_path(flex_calls):
     check_gpu_compiled(*gpu_case(True, 64, 1, 0, 448), flex_calls)
+
+
+@pytest.mark.parametrize("chunk, before, after, causal", [(8, 1, 0, True), (8, 1, 0, False), (12, 2, 1, False),
+                                                          (16, 0, 2, False)])
+def test_chunk_reach_bounds_the_band(chunk, before, after, causal):
+    """The reach given to the block-mask builder is a true bound: with it, the builder (which then skips key blocks
+    beyond it) gives the block mask torch's create_block_mask builds from the whole mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    band = chunk_band(chunk, before, after, causal)
+    length = 20 * chunk
+    ours = build_block_mask(band, None, None, length, length, "cpu", block_size=16,
+                            reach=chunk_reach(chunk, before, after, causal))
+    theirs = create_block_mask(band, None, None, length, length, "cpu", BLOCK_SIZE=16)
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)

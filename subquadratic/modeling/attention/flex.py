@@ -4,9 +4,8 @@ Each mechanism keeps its readable PyTorch path; where its allowed (query, key) p
 it can also run through `torch.nn.attention.flex_attention` with a block mask, which never materialises the scores.
 Which path runs is decided here, once for all modules:
 
-- `fast_paths(None)` (the default): the fast path runs on CUDA tensors, the readable path everywhere else; except
-  the sliding-window path, whose first compiled step took minutes on an H100 (BENCHMARKS.md): it runs only when
-  asked for with `fast_paths(True)`.
+- `fast_paths(None)` (the default): the fast path runs on CUDA tensors, the readable path everywhere else (a
+  mechanism can keep its fast path opt-in while it is not known to pay: `use_fast_path(..., auto=False)`).
 - `fast_paths(True)`: the fast path wherever it can run. On CPU, FlexAttention is the unfused reference
   implementation and has no backward pass, so this is for checking outputs against the readable path.
 - `fast_paths(False)`: always the readable path (for comparisons and debugging).
@@ -15,7 +14,8 @@ The setting is process-wide (`set_fast_paths`) or scoped (`with fast_paths(False
 attention dropout while training uses its readable path (FlexAttention has no dropout).
 
 Block masks depend only on the shape of the problem, so modules build them through `cached_block_mask`, keyed by
-everything they depend on; building one for 64K tokens takes long enough that it must happen once, not per step.
+everything they depend on, once per shape rather than per step; they are built eagerly (`build_block_mask`), since
+compiling `create_block_mask` for each new length took minutes on a GPU.
 """
 
 from __future__ import annotations
@@ -128,20 +128,74 @@ def flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 
 def cached_block_mask(key: Hashable, mask_mod: Callable, batch: int | None, heads: int | None, q_len: int,
-                      kv_len: int, device: torch.device, block_size: int = 128):
-    """A `BlockMask` for ``mask_mod`` over (batch, heads, q_len, kv_len), built once per ``key`` and device.
+                      kv_len: int, device: torch.device, block_size: int = 128,
+                      reach: tuple[int, int] | None = None):
+    """A `BlockMask` for ``mask_mod`` over (batch, heads, q_len, kv_len), built once per ``key`` and device
+    (`build_block_mask`).
 
     ``key`` must name everything ``mask_mod`` depends on (the mechanism, its settings and the lengths); masks whose
     mask_mod reads tensors that change between calls must not be cached."""
-    full_key = (key, batch, heads, q_len, kv_len, str(device), block_size)
+    full_key = (key, batch, heads, q_len, kv_len, str(device), block_size, reach)
     mask = _BLOCK_MASKS.get(full_key)
     if mask is None:
-        # compiled on CUDA: the eager version materialises the whole q_len x kv_len mask (4G entries at 64K)
-        mask = _flex_module.create_block_mask(mask_mod, batch, heads, q_len, kv_len, device=device,
-                                              BLOCK_SIZE=block_size, _compile=torch.device(device).type == "cuda")
+        mask = build_block_mask(mask_mod, batch, heads, q_len, kv_len, device, block_size, reach)
         _BLOCK_MASKS[full_key] = mask
         if len(_BLOCK_MASKS) > _MAX_CACHED_MASKS:
             _BLOCK_MASKS.popitem(last=False)
     else:
         _BLOCK_MASKS.move_to_end(full_key)
     return mask
+
+
+_MASK_CHUNK_ELEMENTS = 1 << 24  # mask entries evaluated at once by build_block_mask (bounds its memory)
+
+
+def build_block_mask(mask_mod: Callable, batch: int | None, heads: int | None, q_len: int, kv_len: int,
+                     device: torch.device, block_size: int = 128, reach: tuple[int, int] | None = None):
+    """What `create_block_mask(mask_mod, ...)` returns (same partial and full blocks), built without compiling.
+
+    `create_block_mask` either materialises the whole q_len x kv_len mask (eager) or compiles a kernel for each new
+    shape: on an H100 with torch 2.11, compiling the one for a 16K-token sliding window took over two and a half
+    minutes (BENCHMARKS.md). Here ``mask_mod`` is evaluated eagerly (`create_mask`) over bands of query blocks,
+    ``_MASK_CHUNK_ELEMENTS`` entries at a time. ``reach = (before, after)`` promises that every allowed pair has
+    ``q_idx - before <= kv_idx <= q_idx + after``: then only the key blocks within that reach of each band are
+    evaluated, so a banded mask costs time linear in the length instead of quadratic.
+
+    Inside a model compiled as a whole (`torch.compile(model)`), torch's own builder is traced into the graph
+    instead (the eager loop here would break it)."""
+    if torch.compiler.is_compiling():
+        return _flex_module.create_block_mask(mask_mod, batch, heads, q_len, kv_len, device=device,
+                                              BLOCK_SIZE=block_size)
+    b, h = batch or 1, heads or 1
+    n_q, n_kv = -(-q_len // block_size), -(-kv_len // block_size)
+    partial = torch.zeros(b, h, n_q, n_kv, dtype=torch.bool, device=device)
+    full = torch.zeros_like(partial)
+    before, after = reach if reach is not None else (kv_len, kv_len)
+    span = min(n_kv, -(-(before + after) // block_size) + 2)  # key blocks one query block can touch
+    rows = n_q  # query blocks per chunk: halved until a chunk's mask entries fit the budget
+    while rows > 1 and b * h * rows * min(n_kv, rows + span) * block_size * block_size > _MASK_CHUNK_ELEMENTS:
+        rows = (rows + 1) // 2
+    for q_block in range(0, n_q, rows):
+        q_end = min(n_q, q_block + rows)
+        q0, q1 = q_block * block_size, min(q_len, q_end * block_size)
+        k_block = max(0, q0 - before) // block_size
+        k_end = min(n_kv, -(-(q1 + after) // block_size))
+        k0, k1 = k_block * block_size, min(kv_len, k_end * block_size)
+
+        def shifted(bi, hi, q_idx, kv_idx, q0=q0, k0=k0):
+            return mask_mod(bi, hi, q_idx + q0, kv_idx + k0)
+
+        mask = _flex_module.create_mask(shifted, b, h, q1 - q0, k1 - k0, device)
+        # pad to whole blocks with False (as create_block_mask does): a block cut by the end is never full
+        mask = torch.nn.functional.pad(mask, (0, (k_end - k_block) * block_size - (k1 - k0),
+                                              0, (q_end - q_block) * block_size - (q1 - q0)))
+        count = mask.view(b, h, q_end - q_block, block_size, k_end - k_block, block_size).sum(dim=(3, 5))
+        full[:, :, q_block:q_end, k_block:k_end] = count == block_size * block_size
+        partial[:, :, q_block:q_end, k_block:k_end] = (count > 0) & (count < block_size * block_size)
+
+    def ordered(blocks):  # (B, H, n_q, n_kv) bool -> counts, then the marked block indices first (in order)
+        counts = blocks.sum(dim=-1, dtype=torch.int32)
+        return counts, torch.argsort(blocks.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+
+    return _flex_module.BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size,
+                                                 mask_mod=mask_mod, seq_lengths=(q_len, kv_len))

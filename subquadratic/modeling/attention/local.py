@@ -37,6 +37,12 @@ def chunk_band(chunk_length: int, chunks_before: int, chunks_after: int, causal:
     return mask_mod
 
 
+def chunk_reach(chunk_length: int, chunks_before: int, chunks_after: int, causal: bool) -> tuple[int, int]:
+    """How far before and after its query a key allowed by `chunk_band` can be, in positions (the ``reach`` of
+    `flex.build_block_mask`, which then evaluates the mask only near the diagonal)."""
+    return (chunks_before + 1) * chunk_length - 1, 0 if causal else (chunks_after + 1) * chunk_length - 1
+
+
 def local_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunk_length: int, chunks_before: int,
                  chunks_after: int, causal: bool, padding_mask: torch.Tensor | None = None,
                  dropout: nn.Module | None = None) -> torch.Tensor:
@@ -75,7 +81,8 @@ def _local_attend_flex(query, key, value, chunk_length, chunks_before, chunks_af
     t = query.shape[2]
     band = chunk_band(chunk_length, chunks_before, chunks_after, causal)
     block_mask = cached_block_mask(("local", chunk_length, chunks_before, chunks_after, causal), band,
-                                   None, None, t, t, query.device)
+                                   None, None, t, t, query.device,
+                                   reach=chunk_reach(chunk_length, chunks_before, chunks_after, causal))
     score_mod = None
     if padding_mask is not None:
         key_ok = padding_mask.bool()

@@ -27,7 +27,7 @@ from torch import nn
 from ..cache import LayerStateCache
 from .dense import dense_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run
-from .local import chunk_band
+from .local import chunk_band, chunk_reach
 from .masking import MASK_VALUE, SELF_MASK_VALUE, merge_heads, split_heads
 
 
@@ -166,7 +166,8 @@ def _lsh_attend_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         allowed = band(bi, hi, q_idx, kv_idx)
         return allowed & (q_idx - kv_idx <= c) if causal else allowed
 
-    block_mask = cached_block_mask(("lsh", c, causal), window, None, None, t, t, query.device)
+    block_mask = cached_block_mask(("lsh", c, causal), window, None, None, t, t, query.device,
+                                   reach=chunk_reach(c, 1, 0, causal))
     out, lse = flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod, scale=1.0 / math.sqrt(d),
                               return_lse=True)
     return _unsort_and_combine(out.view(b, h, r, t, -1), lse.view(b, h, r, t), sorted_pos)
