@@ -15,7 +15,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_speed.py"
 CONTENDERS = ["ours-reformer", "ours-longformer", "ours-longformer-global", "ours-longformer-dilated",
-              "ours-linformer", "ours-reformer-readable", "ours-longformer-flex", "ours-linformer-readable", "hf-reformer", "hf-longformer", "sdpa-full", "sdpa-full-causal", "flex-sliding",
+              "ours-linformer", "ours-reformer-readable", "ours-longformer-readable", "ours-linformer-readable", "hf-reformer", "hf-longformer", "sdpa-full", "sdpa-full-causal", "flex-sliding",
               "pkg-reformer-pytorch", "pkg-linformer", "pkg-local-attention"]
 ALWAYS_RUN = [c for c in CONTENDERS if not c.startswith(("pkg-", "flex-"))]  # need nothing beyond the package
 ROW_FIELDS = {"contender", "length", "dtype", "mode", "status", "tokens_per_s", "median_s", "times_s",

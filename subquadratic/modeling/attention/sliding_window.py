@@ -20,7 +20,7 @@ joint softmax), which reuses `dense_attend` and never concatenates scores.
 The number of global tokens G is the only size read from the data; without a global mask the global path is
 skipped (that choice depends on whether a mask is passed, not on its values).
 
-Fast path (opt-in with `flex.fast_paths(True)`, see `flex`): the window part runs through FlexAttention instead
+Fast path (on CUDA by default, see `flex`): the window part runs through FlexAttention instead
 (`flex_window_attend`, same pairs and results); the global parts stay as they are (G keys or G queries per row are
 few, and their positions are data, which a cached block mask cannot hold)."""
 
@@ -130,7 +130,7 @@ def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         return torch.where(ok[b, kv_idx], score, MASK_VALUE)
 
     block_mask = cached_block_mask(("sliding_window", before, after, s), band, None, None, d * s, d * s,
-                                   query.device)
+                                   query.device, reach=(before, after))
     out, lse = flex_attention(q, k, v, block_mask=block_mask, score_mod=mask_keys, scale=1.0 / math.sqrt(d_head),
                               return_lse=True)
     out = _from_dilated(out.reshape(b, h, d, s, d_head))[:, :, :t]
@@ -210,9 +210,7 @@ class SlidingWindowSelfAttention(nn.Module):
 
     def _window_part(self, query, key, value, key_ok):
         """Window attention of every head, grouped by dilation. Returns (out (B, H, T, D), lse (B, H, T))."""
-        # Opt-in (auto=False): its first compiled training step at 16K tokens did not end within 200 s on an H100
-        # (torch 2.11), which no user should meet by default.
-        if flex_can_run(query, self.dropout, auto=False):
+        if flex_can_run(query, self.dropout):
             attend = flex_window_attend
         else:
             attend = functools.partial(sliding_window_attend, dropout=self.dropout)
