@@ -1,0 +1,71 @@
+"""Where a training step's GPU time goes: the kernels of one bf16 training step of gpu_speed's contenders, from
+`torch.profiler`, sorted by total device time (after warm-up steps, so compilation is not in it).
+
+    python benchmarks/profile_step.py --contenders ours-longformer flex-sliding --length 16384
+
+Needs a CUDA GPU (prints a message and exits 0 without one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def profile(name: str, length: int, rows: int) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    import gpu_speed as gs
+    from subquadratic.modeling.attention.flex import set_fast_paths
+
+    set_fast_paths(gs.FORCED_PATHS.get(name))
+    model, loss_fn = gs.CONTENDERS[name](name, length)
+    model.train()
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn()
+        loss.backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.self_device_time_total for e in events) / 1000
+    table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
+    del model, loss_fn
+    torch.cuda.empty_cache()
+    return f"### {name} at {length} tokens: {total:.1f} ms of kernels in one step\n{table}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contenders", nargs="+", default=["ours-longformer", "flex-sliding"])
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--rows", type=int, default=25, help="kernels listed per contender")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    import torch
+
+    if not torch.cuda.is_available():
+        print("profile_step: no CUDA GPU here, nothing to profile (exit 0).")
+        return 0
+    import gpu_speed as gs
+
+    gs.DEVICE, gs.SIZE = torch.device("cuda"), gs.FULL
+    for name in args.contenders:
+        print(profile(name, args.length, args.rows), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
