@@ -1,11 +1,36 @@
 """Per-layer state for incremental decoding, for attention whose state is more than keys and values.
 
 Each attention module stores named tensors under its layer index (keys, values, and for LSH attention the hash
-buckets), each with its own sequence axis. `generate()` receives this object as `past_key_values`."""
+buckets), each with its own sequence axis. `generate()` receives this object as the model's cache.
+
+`transformers` 5.24 renamed the decoding cache from `past_key_values` to `cache`, in model inputs (what
+`generate()` passes) and in model outputs; earlier releases use the old name. The models take either name and
+answer under the installed release's field name (`OUTPUT_CACHE_FIELD`)."""
 
 from __future__ import annotations
 
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+OUTPUT_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def incoming_cache(past_key_values, cache):
+    """The cache a forward call was given, under either name."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("Pass the decoding cache once: as `cache` (transformers >= 5.24) or as `past_key_values`, "
+                         "not both.")
+    return cache if cache is not None else past_key_values
+
+
+def output_cache(outputs):
+    """The cache a model output carries, whatever this release calls the field."""
+    return getattr(outputs, OUTPUT_CACHE_FIELD)
+
+
+def cache_field(cache) -> dict:
+    """Keyword argument that puts ``cache`` into a `transformers` output class."""
+    return {OUTPUT_CACHE_FIELD: cache}
 
 
 class LayerStateCache:

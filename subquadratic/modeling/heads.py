@@ -8,7 +8,7 @@ A model file composes them with its own base model:
 (`transformers` wants `GenerationMixin` among the direct bases of a model that generates.)
 
 The base model (attribute `model`) takes `input_ids`, `attention_mask`, `position_ids`, `inputs_embeds`,
-`past_key_values`, `use_cache`, `output_hidden_states` and model-specific keyword arguments (passed through), and
+`past_key_values` (or `cache`), `use_cache`, `output_hidden_states` and model-specific keyword arguments (passed through), and
 returns a `BaseModelOutputWithPast`. Losses are `transformers`' own (`self.loss_function`), so `Trainer`'s
 gradient-accumulation normalisation (`num_items_in_batch`) applies."""
 
@@ -24,6 +24,8 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+
+from .cache import cache_field, output_cache
 
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
@@ -78,7 +80,7 @@ class CausalLMHead(_HeadModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_field(output_cache(outputs)),
                                       hidden_states=outputs.hidden_states)
 
 

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from ..configuration.longformer import LongformerStyleConfig
 from .attention.sliding_window import GlobalTokens, SlidingWindowSelfAttention
 from .base import SubquadraticPreTrainedModel, resolve_call
-from .cache import LayerStateCache
+from .cache import LayerStateCache, cache_field, incoming_cache
 from .heads import (
     CausalLMHead,
     MaskedLMHead,
@@ -119,13 +119,14 @@ class LongformerStyleModel(LongformerStylePreTrainedModel):
                 position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 past_key_values: LayerStateCache | None = None, use_cache: bool | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                **kwargs) -> BaseModelOutputWithPast:
+                cache: LayerStateCache | None = None, **kwargs) -> BaseModelOutputWithPast:
         """input_ids (B, T) or inputs_embeds (B, T, hidden); attention_mask (B, T_past + T), 1 for real tokens;
         global_attention_mask (B, T), 1 for tokens with global attention; token_type_ids, position_ids (B, T)
         (default: zeros, and RoBERTa's positions from the padding tokens of input_ids).
 
         With `use_cache` (causal models, not training) the output carries a `LayerStateCache`; passing it back as
-        `past_key_values` with the next tokens decodes incrementally."""
+        `cache` (or `past_key_values`) with the next tokens decodes incrementally."""
+        past_key_values = incoming_cache(past_key_values, cache)
         batch, length, past, device, use_cache, output_hidden_states = resolve_call(
             self, input_ids, inputs_embeds, output_hidden_states, use_cache, past_key_values, attention_mask)
         self._check_shapes(batch, length, past, global_attention_mask)
@@ -152,7 +153,7 @@ class LongformerStyleModel(LongformerStylePreTrainedModel):
         if cache is not None:
             cache.append(POSITION_SLOT, "count", count, seq_dim=1)
             cache.set_seq_length(past + length)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None,
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **cache_field(cache if use_cache else None),
                                        hidden_states=tuple(all_hidden) if output_hidden_states else None)
 
 

@@ -15,7 +15,7 @@ from ..configuration.reformer import ReformerLMConfig
 from .attention.local import LocalSelfAttention
 from .attention.lsh import LSHSelfAttention
 from .base import SubquadraticPreTrainedModel, pad_to_multiple, resolve_call
-from .cache import LayerStateCache
+from .cache import LayerStateCache, cache_field, incoming_cache
 from .heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
 from .layers.embeddings import AxialPositionEmbedding
 from .layers.feed_forward import ChunkedFeedForward
@@ -98,11 +98,12 @@ class ReformerLMModel(ReformerLMPreTrainedModel):
                 position_ids: torch.LongTensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 past_key_values: LayerStateCache | None = None, use_cache: bool | None = None,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None,
-                **kwargs) -> BaseModelOutputWithPast:
+                cache: LayerStateCache | None = None, **kwargs) -> BaseModelOutputWithPast:
         """input_ids (B, T) or inputs_embeds (B, T, hidden); attention_mask (B, T_past + T), 1 for real tokens.
 
         With `use_cache` (causal models, not training) the output carries a `LayerStateCache`; passing it back as
-        `past_key_values` with the next tokens decodes incrementally."""
+        `cache` (or `past_key_values`) with the next tokens decodes incrementally."""
+        past_key_values = incoming_cache(past_key_values, cache)
         batch, length, past, device, use_cache, output_hidden_states = resolve_call(
             self, input_ids, inputs_embeds, output_hidden_states, use_cache, past_key_values, attention_mask)
         limit = self.config.max_position_embeddings
@@ -129,7 +130,7 @@ class ReformerLMModel(ReformerLMPreTrainedModel):
         hidden_states = None
         if output_hidden_states:
             hidden_states = tuple(h[:, :length] for h in [hidden, *states[:-1]]) + (out,)
-        return BaseModelOutputWithPast(last_hidden_state=out, past_key_values=cache, hidden_states=hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=out, **cache_field(cache), hidden_states=hidden_states)
 
 
 class ReformerLMForCausalLM(CausalLMHead, ReformerLMPreTrainedModel, GenerationMixin):

@@ -25,6 +25,7 @@ from subquadratic import (
     LongformerStyleModel,
 )
 from subquadratic.convert.longformer import convert_longformer, longformer_from_roberta, main
+from subquadratic.modeling.cache import output_cache
 from subquadratic.modeling.longformer import AUTO_CLASSES, question_global_mask
 from tests.modeling.common import (
     check_auto_classes,
@@ -206,7 +207,7 @@ def test_generate_with_cache_equals_without(with_global_mask):
     torch.testing.assert_close(cached, uncached)
     # and the logits of one cached step equal the full pass
     out = model(prompt, attention_mask=mask, use_cache=True)
-    step = model(cached[:, 9:10], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=out.past_key_values)
+    step = model(cached[:, 9:10], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=output_cache(out))
     full = model(cached[:, :10], attention_mask=torch.cat([mask, mask[:, :1]], 1), use_cache=False)
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-5, rtol=1e-4)
 

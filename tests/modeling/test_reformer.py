@@ -14,6 +14,7 @@ from subquadratic import (
     ReformerLMModel,
 )
 from subquadratic.modeling.reformer import AUTO_CLASSES
+from subquadratic.modeling.cache import output_cache
 from tests.modeling.common import (
     check_auto_classes,
     check_causality,
@@ -222,9 +223,18 @@ def test_cached_logits_equal_full_forward():
         out = model(x[:, :9], use_cache=True)
         steps = [out.logits]
         for t in range(9, 30):
-            out = model(x[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            # the cache under its transformers >= 5.24 name on odd steps, the older name on even ones
+            name = "cache" if t % 2 else "past_key_values"
+            out = model(x[:, t:t + 1], use_cache=True, **{name: output_cache(out)})
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_given_under_both_names_is_refused():
+    model = ReformerLMForCausalLM(tiny_config()).eval()
+    out = model(ids(t=9), use_cache=True)
+    with pytest.raises(ValueError, match="`cache`.*`past_key_values`"):
+        model(ids(t=1), cache=output_cache(out), past_key_values=output_cache(out))
 
 
 def test_torch_compile_fullgraph():
