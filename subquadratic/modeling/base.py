@@ -24,6 +24,9 @@ class SubquadraticPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # Whether every training batch gives every trainable parameter a gradient. Where it does not, DDP must look for
+    # unused parameters each step (`find_unused_parameters`), which the training loop turns on from this.
+    every_parameter_used_by_every_batch = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -75,6 +75,7 @@ def _layer(config: LongformerStyleConfig, layer_idx: int) -> TransformerEncoderL
 
 class LongformerStylePreTrainedModel(SubquadraticPreTrainedModel):
     config_class = LongformerStyleConfig
+    every_parameter_used_by_every_batch = False  # the global projections only see batches with global tokens
 
 
 class LongformerStyleModel(LongformerStylePreTrainedModel):

@@ -128,13 +128,18 @@ class Run:
         self.cfg = cfg
         if cfg.push_to_hub:
             check_push_ready(cfg.push_to_hub)  # no token or offline: an error now, not after training
-        plugin = FullyShardedDataParallelPlugin() if cfg.fsdp else None
+        # FSDP2 (`fully_shard`): parameters stay registered on their modules with their shapes, which the reversible
+        # layers need, and accelerate moves the optimizer onto the sharded parameters in `prepare`. (FSDP1 without
+        # use_orig_params flattens them away; an optimizer built before `prepare` then trains nothing.)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2) if cfg.fsdp else None
+        # find_unused_parameters is settled once the model is built (see `build_model` below)
+        self.ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=False)
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),  # without a GPU, several processes train together on the CPU (gloo)
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             log_with=cfg.trackers or None, project_dir=cfg.output_dir, fsdp_plugin=plugin,
             step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the process count
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+            kwargs_handlers=[self.ddp_kwargs])
         set_seed(cfg.seed)
         with self.accelerator.main_process_first():
             saved_tokenizer = os.path.isdir(cfg.tokenizer)
@@ -146,6 +151,9 @@ class Run:
                                       tokenizer_kind="word" if saved_tokenizer else cfg.tokenizer,
                                       cache_dir=os.path.join(cfg.output_dir, "data_cache"))
         self.model = build_model(cfg, self.corpus)
+        # DDP checks for unused parameters only where some batch can leave one without a gradient (a model of
+        # this package says so; models of transformers are not known, so they are checked), as Trainer does.
+        self.ddp_kwargs.find_unused_parameters = not getattr(self.model, "every_parameter_used_by_every_batch", False)
         dataset = PackedBlocks(self.corpus.train, cfg.seq_len)
         if len(dataset) < cfg.batch_size * self.accelerator.num_processes:
             raise ValueError(f"the training split has {len(dataset)} blocks of seq_len={cfg.seq_len}, fewer than one "

@@ -108,6 +108,19 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         torch.testing.assert_close(w1[name], w2[name], atol=1e-5, rtol=1e-4)
 
 
+def test_two_processes_train_a_longformer_without_global_tokens(tmp_path):
+    """Masked-LM batches have no global tokens, so the global projections get no gradient: DDP must be told to
+    look for unused parameters (it fails at the second step otherwise)."""
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                             "-m", "subquadratic.training.cli", "longformer-mlm-tiny", "--max_steps", "3",
+                             "--seq_len", "128", "--batch_size", "2", "--log_every", "1", "--trackers", "[]",
+                             "--final_eval", "false", "--output_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["--dataset", "text", "--data_path", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
     (["--dataset", "wikitext-103", "--data_path", "/nonexistent/wikitext"], "/nonexistent/wikitext"),

@@ -51,7 +51,7 @@ def _params(module: nn.Module) -> list[nn.Parameter]:
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, x2, stack: ReversibleStack, f_kwargs: dict, *params):
-        ctx.stack = stack
+        ctx.stack, ctx.num_params = stack, len(params)
         # The backward pass recomputes F; it must not append to a decoding cache a second time.
         ctx.f_kwargs = {k: v for k, v in f_kwargs.items() if k != "cache"}
         ctx.autocast = _autocast_state(x1.device.type)
@@ -93,7 +93,11 @@ class _ReversibleFunction(torch.autograd.Function):
                 if gr is not None:
                     grads[p] = gr if p not in grads else grads[p] + gr
             y1, y2 = x1, x2
-        param_grads = [grads.get(p) for p in ctx.stack.trainable_params()]
+        params = ctx.stack.trainable_params()  # the same parameters as in forward, in the same order
+        if len(params) != ctx.num_params:
+            raise RuntimeError(f"the reversible layers had {ctx.num_params} trainable parameters in the forward pass "
+                               f"and {len(params)} in the backward pass: parameters must not change in between")
+        param_grads = [grads.get(p) for p in params]
         return (grad_y1, grad_y2, None, None, *param_grads)
 
 
@@ -130,7 +134,14 @@ class ReversibleStack(nn.Module):
             needs_grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or any(
                 p.requires_grad for p in self.parameters()))
             if self.reversible and needs_grad:
-                y1, y2 = _ReversibleFunction.apply(x1, x2, self, f_kwargs, *self.trainable_params())
+                params = self.trainable_params()
+                if next(self.parameters(), None) is None and any(isinstance(m, nn.Linear) for m in self.modules()):
+                    # FSDP1 without use_orig_params moves the parameters off the modules: the recomputation in
+                    # the backward pass could not hand their gradients back, and they would silently not train.
+                    raise RuntimeError("the reversible layers' parameters are not registered on their modules "
+                                       "(FSDP1 with use_orig_params=False?): use FSDP2 (fully_shard, accelerate's "
+                                       "fsdp_version=2), FSDP1 with use_orig_params=True, or reversible=False")
+                y1, y2 = _ReversibleFunction.apply(x1, x2, self, f_kwargs, *params)
             else:
                 y1, y2 = x1, x2
                 for f, g in zip(self.f_blocks, self.g_blocks):
