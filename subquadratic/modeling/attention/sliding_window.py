@@ -11,7 +11,8 @@ Memory and time are linear in the length T: no (T, T) score matrix is ever built
 * Window part: the tokens of each residue class modulo d form a sequence of S = T / d tokens on which dilated
   attention is plain sliding-window attention. That sequence is cut into n query blocks of c = w / 2 tokens;
   a block attends to the c + w keys from its first query's window start to its last query's window end, taken
-  from the key sequence by `unfold` (a view), and a band mask keeps each query's own w + 1. Scores are
+  from the key sequence by `unfold` (a view; under torch.compile an index gather, see `_windows`), and a band
+  mask keeps each query's own w + 1. Scores are
   (B, H, d, n, c, c + w): 1.5 w per query (transformers' overlapping chunks compute 2 w).
 * Global keys: (T, G) scores for G global tokens; global queries: (G, T) scores.
 The two parts of each query's softmax are computed separately and combined by their log-sum-exp (exactly the
@@ -53,9 +54,18 @@ def _from_dilated(x: torch.Tensor) -> torch.Tensor:
 
 def _windows(x: torch.Tensor, before: int, after: int, block: int, fill=0.0) -> torch.Tensor:
     """(..., S, E) -> (..., n, E, block + before + after): for each query block of ``block`` positions, the keys
-    from ``before`` positions before it to ``after`` after it (``fill`` outside the sequence)."""
+    from ``before`` positions before it to ``after`` after it (``fill`` outside the sequence).
+
+    Eager: `unfold`, a view. Compiled: the same windows gathered by index, because inductor's backward of
+    overlapping `unfold` windows gives wrong gradients (pytorch#172064; seen here on CPU with torch 2.13 and on
+    an H200 with 2.11), while the gather's backward (an accumulating index_put) is right."""
     padded = nn.functional.pad(x, (0, 0, before, after), value=fill)
-    return padded.unfold(-2, block + before + after, block)
+    width = block + before + after
+    if not torch.compiler.is_compiling():
+        return padded.unfold(-2, width, block)
+    n = x.shape[-2] // block
+    index = torch.arange(n, device=x.device)[:, None] * block + torch.arange(width, device=x.device)  # (n, width)
+    return padded[..., index, :].transpose(-1, -2)
 
 
 def _pad_tokens(extra: int, query, key, value, key_ok):
@@ -256,6 +266,17 @@ class SlidingWindowSelfAttention(nn.Module):
             out, _ = self._window_part(query, key, value, real)
             return self.output(merge_heads(out))
 
+        return self.output(merge_heads(self._with_global_tokens(hidden_states, query, key, value, real, glob)))
+
+    @torch.compiler.disable
+    def _with_global_tokens(self, hidden_states, query, key, value, real, glob: GlobalTokens) -> torch.Tensor:
+        """Attention of every query when some tokens are global: its window and the global keys, and for global
+        queries every real key. Returns (B, H, T, D).
+
+        Inside torch.compile this runs eagerly (a graph break; the number of global tokens is data anyway):
+        compiled by inductor, its input gradients came out wrong on an H200 (torch 2.11) with FlexAttention and
+        with the readable window part alike, and on CPU through `unfold` (see `_windows`)."""
+        b, t, _ = hidden_states.shape
         out, lse = self._window_part(query, key, value, real & ~glob.mask)
         # Every query also attends to the global keys (ordinary projections): (B, H, T, G) scores.
         positions = torch.arange(t, device=hidden_states.device)
@@ -280,8 +301,7 @@ class SlidingWindowSelfAttention(nn.Module):
         # gather is valid when G = 0), then select.
         slot = glob.slot[:, None, :, None].expand(-1, self.num_heads, -1, g_out.shape[-1])  # (B, H, T, D)
         g_out = nn.functional.pad(g_out, (0, 0, 0, 1)).gather(2, slot)
-        out = torch.where(glob.mask[:, None, :, None], g_out, out)
-        return self.output(merge_heads(out))
+        return torch.where(glob.mask[:, None, :, None], g_out, out)
 
     def _decode(self, query, key, value, padding_mask, cache, global_mask):
         """Causal attention of the Q new positions over all T cached and new keys (incremental decoding): one
