@@ -8,8 +8,8 @@ A model file composes them with its own base model:
 (`transformers` wants `GenerationMixin` among the direct bases of a model that generates.)
 
 The base model (attribute `model`) takes `input_ids`, `attention_mask`, `position_ids`, `inputs_embeds`,
-`past_key_values` (or `cache`), `use_cache`, `output_hidden_states` and model-specific keyword arguments (passed through), and
-returns a `BaseModelOutputWithPast`. Losses are `transformers`' own (`self.loss_function`), so `Trainer`'s
+`past_key_values` (or `cache`), `use_cache`, `output_hidden_states` and model-specific keyword arguments (passed
+through), and returns a `BaseModelOutputWithPast`. Losses are `transformers`' own (`self.loss_function`), so `Trainer`'s
 gradient-accumulation normalisation (`num_items_in_batch`) applies."""
 
 from __future__ import annotations

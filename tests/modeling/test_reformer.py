@@ -13,8 +13,8 @@ from subquadratic import (
     ReformerLMForSequenceClassification,
     ReformerLMModel,
 )
-from subquadratic.modeling.reformer import AUTO_CLASSES
 from subquadratic.modeling.cache import output_cache
+from subquadratic.modeling.reformer import AUTO_CLASSES
 from tests.modeling.common import (
     check_auto_classes,
     check_causality,
