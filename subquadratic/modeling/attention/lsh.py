@@ -42,6 +42,12 @@ def total_buckets(num_buckets: int | list[int]) -> int:
     return math.prod(num_buckets) if isinstance(num_buckets, (list, tuple)) else num_buckets
 
 
+# Rotated vectors held at once while hashing (fp32 elements: 512 MiB). With num_buckets growing with the length
+# (the paper's rule), one round's rotated vectors (B, H, T, num_buckets / 2) grow as T^2: 32 GiB per round at 256K
+# tokens with 8 heads and chunk 64, which is what bounded the Reformer's trainable length.
+HASH_CHUNK_ELEMENTS = 1 << 27
+
+
 def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: int | list[int],
                  padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """vectors (B, H, T, D), rotations (R, D, rotation_width) -> buckets (B, H, R, T), int64.
@@ -53,13 +59,16 @@ def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: in
     if total_buckets(num_buckets) == 1:
         buckets = vectors.new_zeros((b, h, num_rounds, t), dtype=torch.long)
     else:
-        # One round at a time and without autograd: buckets have no gradient, and the rotated vectors of all
-        # rounds at once (B, H, R, T, num_buckets / 2, with num_buckets growing with T) are what would dominate
-        # peak memory at long lengths.
+        # One round and one slice of the sequence at a time, without autograd (buckets have no gradient): the
+        # rotated vectors of all rounds at once, (B, H, R, T, num_buckets / 2), would dominate peak memory at long
+        # lengths; slices keep them under HASH_CHUNK_ELEMENTS. Each position's bucket depends on it alone.
+        step = max(1, HASH_CHUNK_ELEMENTS // (b * h * rotations.shape[-1]))
         with torch.no_grad(), torch.autocast(device_type=vectors.device.type, enabled=False):
             vectors = vectors.float()
-            buckets = torch.stack([_round_buckets(vectors @ rotations[r].float(), num_buckets)
-                                   for r in range(num_rounds)], dim=2)
+            buckets = torch.stack([
+                torch.cat([_round_buckets(vectors[:, :, start:start + step] @ rotation, num_buckets)
+                           for start in range(0, t, step)], dim=-1)
+                for rotation in rotations.float()], dim=2)
     if padding_mask is not None:
         pad = ~padding_mask.bool()[:, None, None, :]
         buckets = buckets.masked_fill(pad, total_buckets(num_buckets))
