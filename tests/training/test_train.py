@@ -39,6 +39,14 @@ def cli(args, **kw):
                           text=True, timeout=600, **kw)
 
 
+def cli_two_processes(args):
+    """The CLI under `accelerate launch` with two processes. `--cpu` starts a single process in accelerate 1.x; on
+    a machine without GPUs the multi-process launcher runs the processes on the CPU with the gloo backend."""
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "subquadratic.training.cli", *args], capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.parametrize("preset", [p for p in preset_names() if p.endswith("-tiny") and "wikitext" not in p])
 def test_tiny_presets_train_and_loss_falls(preset, tmp_path):
     cfg = load_config(preset, ["--max_steps", "30", "--batch_size", "4", "--output_dir", str(tmp_path), "--trackers", "[]",
@@ -91,12 +99,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
               "--model.attention_probs_dropout_prob", "0.0"]
     one = cli([*common, "--batch_size", "4", "--output_dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
-    # `accelerate launch --cpu` starts a single process in accelerate 1.x; on a machine without GPUs the
-    # multi-process launcher runs the processes on the CPU with the gloo backend
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "-m", "subquadratic.training.cli", *common, "--batch_size", "2",
-                          "--output_dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    two = cli_two_processes([*common, "--batch_size", "2", "--output_dir", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -111,12 +114,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
 def test_two_processes_train_a_longformer_without_global_tokens(tmp_path):
     """Masked-LM batches have no global tokens, so the global projections get no gradient: DDP must be told to
     look for unused parameters (it fails at the second step otherwise)."""
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                             "-m", "subquadratic.training.cli", "longformer-mlm-tiny", "--max_steps", "3",
-                             "--seq_len", "128", "--batch_size", "2", "--log_every", "1", "--trackers", "[]",
-                             "--final_eval", "false", "--output_dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600)
+    result = cli_two_processes(["longformer-mlm-tiny", "--max_steps", "3", "--seq_len", "128", "--batch_size", "2",
+                                "--log_every", "1", "--trackers", "[]", "--final_eval", "false",
+                                "--output_dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(losses(tmp_path)) == [1, 2, 3]
 
