@@ -36,15 +36,27 @@ def profile(name: str, length: int, rows: int) -> str:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    walls = []
+    for _ in range(5):  # unprofiled wall time of a step, to compare with the kernels' sum (launch-bound or not)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        step()
+        end.record()
+        end.synchronize()
+        walls.append(begin.elapsed_time(end))
+    wall = sorted(walls)[len(walls) // 2]
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    total = sum(e.self_device_time_total for e in events) / 1000
+    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # the kernels themselves
+    total = sum(e.self_device_time_total for e in on_device) / 1000
+    kernels = sum(e.count for e in on_device)
     table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
     del model, loss_fn
     torch.cuda.empty_cache()
-    return f"### {name} at {length} tokens: {total:.1f} ms of kernels in one step\n{table}"
+    return (f"### {name} at {length} tokens: step {wall:.1f} ms (median of 5, unprofiled), {total:.1f} ms of "
+            f"kernels in {kernels} launches ({100 * total / wall:.0f}% busy)\n{table}")
 
 
 def main(argv=None) -> int:

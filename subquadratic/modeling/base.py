@@ -71,6 +71,18 @@ def pad_to_multiple(hidden_states: torch.Tensor, padding_mask: torch.Tensor | No
     return hidden_states, nn.functional.pad(padding_mask.bool(), (0, extra), value=False)
 
 
+def padding_mask_or_none(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, T) bool padding mask of an ``attention_mask``, or None where it marks every token real, so that the
+    attention runs the kernels of unpadded input (a data collator passes an all-ones mask with unpadded batches).
+    Finding that out reads one value back from the device, once per forward; inside torch.compile the mask is
+    kept instead (no data-dependent branch in the graph)."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None
+    return mask
+
 
 class CallShape(NamedTuple):
     batch: int

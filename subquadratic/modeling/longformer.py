@@ -15,7 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..configuration.longformer import LongformerStyleConfig
 from .attention.sliding_window import GlobalTokens, SlidingWindowSelfAttention
-from .base import SubquadraticPreTrainedModel, resolve_call
+from .base import SubquadraticPreTrainedModel, padding_mask_or_none, resolve_call
 from .cache import LayerStateCache, cache_field, incoming_cache
 from .heads import (
     CausalLMHead,
@@ -143,7 +143,7 @@ class LongformerStyleModel(LongformerStylePreTrainedModel):
         hidden = self.embeddings(input_ids, inputs_embeds, positions if position_ids is None else position_ids,
                                  token_type_ids)
 
-        padding_mask = None if attention_mask is None else attention_mask.bool()
+        padding_mask = padding_mask_or_none(attention_mask)
         global_mask = self._global_mask(global_attention_mask, batch, length, past, device)
         if global_mask is not None and not past:  # where the global tokens are, found once for every layer
             global_mask = GlobalTokens(global_mask if padding_mask is None else global_mask & padding_mask)

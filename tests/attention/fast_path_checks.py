@@ -78,21 +78,22 @@ def assert_compiled_fast_path_matches(module, x, padding, flex_calls, real_only:
 
 
 # ---------------------------------------------------------------------------------------------------- on CUDA
-def gpu_runner(module, t: int, hidden: int, **call_kwargs):
+def gpu_runner(module, t: int, hidden: int, padded: bool = True, **call_kwargs):
     """run(fast, bf16) -> [outputs at real positions, gradient of the input, gradient of every parameter] of
-    ``module`` on an input (2, t, hidden) whose row 0 is padding from position 250, with the fast path forced
-    (``fast``) or the readable one. The loss weighs every real output differently and ignores padding queries,
-    whose outputs may differ between the paths."""
+    ``module`` on an input (2, t, hidden) whose row 0 is padding from position 250 (``padded``; else no padding
+    mask is passed), with the fast path forced (``fast``) or the readable one. The loss weighs every real output
+    differently and ignores padding queries, whose outputs may differ between the paths."""
     x = torch.randn(2, t, hidden, device="cuda", requires_grad=True)
     padding = torch.ones(2, t, dtype=torch.bool, device="cuda")
-    padding[0, 250:] = False
+    if padded:
+        padding[0, 250:] = False
     weight = torch.randn(2, t, hidden, device="cuda")
 
     def run(fast: bool, bf16: bool) -> list:
         module.zero_grad()
         x.grad = None
         with fast_paths(fast), torch.autocast("cuda", torch.bfloat16, enabled=bf16):
-            out = module(x, padding_mask=padding, **call_kwargs)
+            out = module(x, padding_mask=padding if padded else None, **call_kwargs)
         (out.float()[padding] * weight[padding]).sum().backward()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
         return [out.float()[padding], x.grad.clone()] + grads  # unused parameters (no global tokens): zeros

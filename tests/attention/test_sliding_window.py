@@ -258,6 +258,10 @@ LONG_COMBOS = [  # lengths crossing 128-token blocks, not multiples of the windo
     (6, [1, 2, 3, 1], True, 141, 100, [(0, 3), (1, 60), (1, 62)]),
     (8, [4, 1, 4, 2], False, 263, 200, ()),
     (10, [1, 3, 1, 3], True, 263, None, [(0, 130)]),
+    # no padding, no global tokens: no score_mod; 142 is not a multiple of 3, so the positions added to fill
+    # the last residue class are masked by the block mask's mask_mod instead
+    (6, [1, 2, 3, 1], True, 142, None, ()),
+    (6, [3, 1, 3, 2], False, 142, None, ()),
 ]
 
 
@@ -305,7 +309,7 @@ GPU_COMBOS = [  # window, dilation, causal, global tokens; hidden 128, 4 heads o
 ]
 
 
-def gpu_case(window, dilation, causal, global_at, t=333, hidden=128):
+def gpu_case(window, dilation, causal, global_at, t=333, hidden=128, padded=True):
     torch.manual_seed(0)
     module = SlidingWindowSelfAttention(hidden, 4, window, dilation, causal=causal).cuda()
     glob = None
@@ -313,7 +317,7 @@ def gpu_case(window, dilation, causal, global_at, t=333, hidden=128):
         glob = torch.zeros(2, t, dtype=torch.bool, device="cuda")
         for row, col in global_at:
             glob[row, col] = True
-    return module, gpu_runner(module, t, hidden, global_mask=glob)
+    return module, gpu_runner(module, t, hidden, padded=padded, global_mask=glob)
 
 
 @cuda_only
@@ -329,6 +333,16 @@ def test_gpu_fast_path_under_bf16_autocast_is_as_accurate_as_readable_path(windo
                                                                             flex_calls):
     module, run = gpu_case(window, dilation, causal, global_at)
     check_gpu_bf16(run, flex_calls, calls=len(module.head_groups))
+
+
+@cuda_only
+@pytest.mark.parametrize("dilation,causal", [(1, False), ([1, 2, 3, 1], True)])
+def test_gpu_fast_path_without_padding_matches_readable_path(dilation, causal, flex_calls):
+    """No padding mask and no global tokens: the kernels run without a score_mod (333 tokens: the classes of
+    dilation 2 and 3 get added positions, masked by the block mask)."""
+    module, run = gpu_case(32, dilation, causal, (), padded=False)
+    check_gpu_fp32(run, flex_calls, calls=len(module.head_groups))
+    check_gpu_bf16(run, flex_calls, calls=2 * len(module.head_groups))
 
 
 @cuda_only

@@ -186,6 +186,27 @@ def test_padding_invariance(default_global):
     check_padding_invariance(model, ids(1), pad_lengths=(1, 9), pad_id=PAD)
 
 
+def test_all_ones_attention_mask_reaches_the_attention_as_no_mask(monkeypatch):
+    """An all-ones mask (what a collator gives an unpadded batch) is dropped before the layers, so the attention
+    takes its unpadded kernels; a mask with padding is passed on. Either way the logits are those without one."""
+    model = tiny(LongformerStyleForMaskedLM).eval()
+    seen = []
+    attention = type(model.model.layers[0].attention)
+    forward = attention.forward
+    monkeypatch.setattr(attention, "forward", lambda self, h, padding_mask=None, **kw: (
+        seen.append(padding_mask), forward(self, h, padding_mask=padding_mask, **kw))[1])
+    input_ids = ids(2, 23)
+    with torch.no_grad():
+        plain = model(input_ids).logits
+        ones = model(input_ids, attention_mask=torch.ones(2, 23, dtype=torch.long)).logits
+        assert all(mask is None for mask in seen)
+        mask = torch.ones(2, 23, dtype=torch.long)
+        mask[1, 20:] = 0
+        model(input_ids, attention_mask=mask)
+    torch.testing.assert_close(ones, plain)
+    assert torch.equal(seen[-1], mask.bool())
+
+
 def test_causality_with_dilation_and_global_first_token():
     model = tiny(LongformerStyleForCausalLM, is_decoder=True, default_global_attention="first_token")
     check_causality(model, ids(2, 30), t=17)

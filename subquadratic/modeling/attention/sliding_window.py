@@ -111,37 +111,50 @@ def sliding_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 
 def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, dilation: int,
-                       causal: bool, key_ok: torch.Tensor):
-    """`sliding_window_attend` through FlexAttention (no dropout): same arguments, pairs and results.
+                       causal: bool, key_ok: torch.Tensor | None):
+    """`sliding_window_attend` through FlexAttention (no dropout): same arguments, pairs and results; ``key_ok``
+    may also be None (every key real: no padding and no global tokens).
 
     The residue classes modulo d are laid end to end (position s * d + r goes to r * S + s), so each class is a
     plain band of its own and a dilated head costs what an undilated one does. That pattern depends only on the
-    sizes, so its block mask is built once; which keys are real (or global) is data, so it enters through a
-    score_mod, which also runs on the block mask's full blocks (those skip the mask_mod). Masked keys get
-    MASK_VALUE as in the readable path: a query whose window keys are all masked averages instead of giving NaN,
-    and its finite log-sum-exp combines with the global part as the readable one does."""
+    sizes (with the positions added to fill the last class), so its block mask is built once; which keys are
+    real (or global) is data, so it enters through a score_mod, which also runs on the block mask's full blocks
+    (those skip the mask_mod). Masked keys get MASK_VALUE as in the readable path: a query whose window keys are
+    all masked averages instead of giving NaN, and its finite log-sum-exp combines with the global part as the
+    readable one does. Without ``key_ok`` there is no score_mod: the kernels are those of a plain band."""
     b, h, t, d_head = query.shape
     d = dilation
     extra = (-t) % d  # pad T to whole residue classes
-    query, key, value, key_ok = _pad_tokens(extra, query, key, value, key_ok)
+    if key_ok is not None:
+        query, key, value, key_ok = _pad_tokens(extra, query, key, value, key_ok)
+    elif extra:
+        query, key, value = (nn.functional.pad(x, (0, 0, 0, extra)) for x in (query, key, value))
     s = (t + extra) // d
 
     def class_major(x):  # (B, H, T, ...) -> the same shape, classes end to end (a view when d = 1)
         return _to_dilated(x, d).reshape(x.shape)
 
     q, k, v = (class_major(x) for x in (query, key, value))
-    ok = class_major(key_ok[:, None, :, None])[:, 0, :, 0]  # (B, T)
     before, after = (window, 0) if causal else (window // 2, window // 2)
 
     def band(b, h, q_idx, kv_idx):  # same class, and the key at most `before` steps before / `after` after
         return (q_idx // s == kv_idx // s) & (q_idx - kv_idx <= before) & (kv_idx - q_idx <= after)
 
-    def mask_keys(score, b, h, q_idx, kv_idx):
-        return torch.where(ok[b, kv_idx], score, MASK_VALUE)
+    def band_of_real_keys(b, h, q_idx, kv_idx):  # and the key not one of the `extra` added positions
+        return band(b, h, q_idx, kv_idx) & ((kv_idx % s) * d + kv_idx // s < t)
 
-    block_mask = cached_block_mask(("sliding_window", before, after, s), band, None, None, d * s, d * s,
-                                   query.device, reach=(before, after))
-    out, lse = flex_attention(q, k, v, block_mask=block_mask, score_mod=mask_keys, scale=1.0 / math.sqrt(d_head),
+    mask_mod, mask_key = band, ("sliding_window", before, after, s)
+    score_mod = None
+    if key_ok is not None:
+        ok = class_major(key_ok[:, None, :, None])[:, 0, :, 0]  # (B, T)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(ok[b, kv_idx], score, MASK_VALUE)
+    elif extra:
+        mask_mod, mask_key = band_of_real_keys, mask_key + (t,)
+    block_mask = cached_block_mask(mask_key, mask_mod, None, None, d * s, d * s, query.device,
+                                   reach=(before, after))
+    out, lse = flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod, scale=1.0 / math.sqrt(d_head),
                               return_lse=True)
     out = _from_dilated(out.reshape(b, h, d, s, d_head))[:, :, :t]
     lse = _from_dilated(lse.reshape(b, h, d, s))[:, :, :t]
@@ -219,11 +232,14 @@ class SlidingWindowSelfAttention(nn.Module):
         return self.dilation == [1] * self.num_heads and reach >= length - 1
 
     def _window_part(self, query, key, value, key_ok):
-        """Window attention of every head, grouped by dilation. Returns (out (B, H, T, D), lse (B, H, T))."""
+        """Window attention of every head, grouped by dilation; key_ok (B, T) bool or None (every key may be
+        attended). Returns (out (B, H, T, D), lse (B, H, T))."""
         if flex_can_run(query, self.dropout):
             attend = flex_window_attend
         else:
             attend = functools.partial(sliding_window_attend, dropout=self.dropout)
+            if key_ok is None:
+                key_ok = torch.ones(query.shape[0], query.shape[2], dtype=torch.bool, device=query.device)
         if len(self.head_groups) == 1:
             return attend(query, key, value, self.window, self.dilation[0], self.causal, key_ok)
         parts = [attend(query[:, heads], key[:, heads], value[:, heads], self.window, d, self.causal, key_ok)
@@ -263,7 +279,7 @@ class SlidingWindowSelfAttention(nn.Module):
             out = full_attend(query, key, value, None if padding_mask is None else real, self.causal, dropout_p)
             return self.output(merge_heads(out))
         if glob is None:
-            out, _ = self._window_part(query, key, value, real)
+            out, _ = self._window_part(query, key, value, None if padding_mask is None else real)
             return self.output(merge_heads(out))
 
         return self.output(merge_heads(self._with_global_tokens(hidden_states, query, key, value, real, glob)))
