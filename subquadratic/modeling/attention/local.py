@@ -18,6 +18,7 @@ from ..cache import LayerStateCache
 from .dense import dense_attend, full_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run
 from .masking import MASK_VALUE, merge_heads, split_heads
+from .projections import project
 
 
 def _look_around(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
@@ -143,9 +144,8 @@ class LocalSelfAttention(nn.Module):
                 cache: LayerStateCache | None = None) -> torch.Tensor:
         """hidden_states (B, T, hidden); padding_mask (B, T_all) bool, True for real tokens, covering the cached
         positions too when decoding. Returns (B, T, hidden)."""
-        query = split_heads(self.query(hidden_states), self.num_heads)
-        key = split_heads(self.key(hidden_states), self.num_heads)
-        value = split_heads(self.value(hidden_states), self.num_heads)
+        query, key, value = (split_heads(x, self.num_heads)
+                             for x in project(hidden_states, [self.query, self.key, self.value]))
         if cache is not None and cache.has(self.layer_idx):
             key = cache.append(self.layer_idx, "key", key, seq_dim=2)
             value = cache.append(self.layer_idx, "value", value, seq_dim=2)

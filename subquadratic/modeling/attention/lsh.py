@@ -29,6 +29,7 @@ from .dense import dense_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run
 from .local import chunk_band, chunk_reach
 from .masking import MASK_VALUE, SELF_MASK_VALUE, merge_heads, split_heads
+from .projections import project
 
 
 def rotation_width(num_buckets: int | list[int]) -> int:
@@ -250,9 +251,9 @@ class LSHSelfAttention(nn.Module):
                 cache: LayerStateCache | None = None) -> torch.Tensor:
         """hidden_states (B, T, hidden); padding_mask (B, T_all) bool, True for real tokens, covering the cached
         positions too when decoding. Returns (B, T, hidden)."""
-        query = split_heads(self.query_key(hidden_states), self.num_heads)  # (B, H, T, D)
+        query, value = (split_heads(x, self.num_heads)  # (B, H, T, D)
+                        for x in project(hidden_states, [self.query_key, self.value]))
         key = nn.functional.normalize(query, dim=-1, eps=1e-6)
-        value = split_heads(self.value(hidden_states), self.num_heads)
         if self.training and self.fresh_rotations:
             rotations = torch.randn(self.fixed_rotations.shape, device=query.device)
         else:

@@ -37,6 +37,7 @@ from ..cache import LayerStateCache
 from .dense import dense_attend, full_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run
 from .masking import MASK_VALUE, merge_heads, split_heads
+from .projections import project
 
 
 def _to_dilated(x: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -256,9 +257,8 @@ class SlidingWindowSelfAttention(nn.Module):
         such a mask and the padding mask (a model builds it once for all its layers); None: no global tokens.
         Returns (B, T, hidden)."""
         b, t, _ = hidden_states.shape
-        query = split_heads(self.query(hidden_states), self.num_heads)  # (B, H, T, D)
-        key = split_heads(self.key(hidden_states), self.num_heads)
-        value = split_heads(self.value(hidden_states), self.num_heads)
+        query, key, value = (split_heads(x, self.num_heads)  # (B, H, T, D)
+                             for x in project(hidden_states, [self.query, self.key, self.value]))
         if cache is not None and cache.has(self.layer_idx):
             if isinstance(global_mask, GlobalTokens):
                 global_mask = global_mask.mask
@@ -307,8 +307,8 @@ class SlidingWindowSelfAttention(nn.Module):
         # (B, H, G, D); explicit sizes because G may be 0
         g_query = self.query_global(g_hidden).view(b, g_hidden.shape[1], self.num_heads, query.shape[-1])
         g_query = g_query.transpose(1, 2)
-        g_key = split_heads(self.key_global(hidden_states), self.num_heads)  # (B, H, T, D)
-        g_value = split_heads(self.value_global(hidden_states), self.num_heads)
+        g_key, g_value = (split_heads(x, self.num_heads)  # (B, H, T, D)
+                          for x in project(hidden_states, [self.key_global, self.value_global]))
         allowed = real[:, None, None, :]  # (B, 1, 1, T)
         if self.causal:
             allowed = allowed & (positions <= glob.index[:, None, :, None])
