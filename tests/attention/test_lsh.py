@@ -276,7 +276,7 @@ def test_gpu_compiled_module_with_fast_path_matches_readable_path(flex_calls):
 def test_buckets_are_the_argmax_over_rotations_and_their_negation(num_buckets, sliced, monkeypatch):
     """The hash avoids forming [x, -x]; it must pick the same bucket as argmax over it (Reformer, section 2),
     first maximum included: small integer coordinates make ties between x and -x and inside x common. ``sliced``:
-    a memory bound that cuts the 50 positions into slices of 7 (the last one shorter)."""
+    a memory bound that cuts the 50 positions into slices of 2 (7 positions of one round; there are 3 rounds)."""
     if sliced:
         monkeypatch.setattr(lsh_module, "HASH_CHUNK_ELEMENTS", 2 * 3 * rotation_width(num_buckets) * 7)
     torch.manual_seed(0)

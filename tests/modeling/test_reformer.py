@@ -129,6 +129,33 @@ def test_reversible_equals_ordinary_residual_layers_with_dropout():
     assert not torch.allclose(_loss_and_grads(rev, x, seed=8)[0], loss_r)
 
 
+def test_reversible_recomputation_reuses_the_buckets_of_the_forward_pass(monkeypatch):
+    """The backward pass recomputes each block from inputs rebuilt up to rounding; hashing those again could pick
+    other buckets near a tie. Here every hash call gives new random buckets: the gradients still equal those of
+    ordinary layers (which never recompute) only if the recomputation takes the forward pass's buckets, and the
+    hash runs once per LSH layer and step."""
+    from subquadratic.modeling.attention import lsh as lsh_module
+
+    calls = []
+    generator = torch.Generator().manual_seed(0)
+
+    def random_buckets(vectors, rotations, num_buckets, padding_mask=None):
+        calls.append(1)
+        b, h, t, _ = vectors.shape
+        return torch.randint(0, num_buckets, (b, h, rotations.shape[0], t), generator=generator)
+
+    monkeypatch.setattr(lsh_module, "hash_vectors", random_buckets)
+    rev, plain = _clone_pair()
+    x = ids(t=24)
+    generator.manual_seed(0)
+    _, grads_r = _loss_and_grads(rev, x, seed=7)
+    assert len(calls) == rev.config.attn_layers.count("lsh")
+    generator.manual_seed(0)
+    _, grads_p = _loss_and_grads(plain, x, seed=7)
+    for name, grad in grads_p.items():
+        torch.testing.assert_close(grads_r[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_reversible_gradients_through_autograd_grad_and_inputs():
     """Parameters are inputs of the reversible function: torch.autograd.grad sees them, and so do inputs_embeds."""
     rev, plain = _clone_pair()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..cache import LayerStateCache
+from ..recompute import remembered
 from .dense import dense_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run
 from .local import chunk_band, chunk_reach
@@ -44,7 +45,7 @@ def total_buckets(num_buckets: int | list[int]) -> int:
 
 
 # Rotated vectors held at once while hashing (fp32 elements: 512 MiB). With num_buckets growing with the length
-# (the paper's rule), one round's rotated vectors (B, H, T, num_buckets / 2) grow as T^2: 32 GiB per round at 256K
+# (the paper's rule), the rotated vectors (B, H, T, rounds, num_buckets / 2) grow as T^2: 32 GiB per round at 256K
 # tokens with 8 heads and chunk 64, which is what bounded the Reformer's trainable length.
 HASH_CHUNK_ELEMENTS = 1 << 27
 
@@ -55,21 +56,23 @@ def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: in
 
     Hashing runs in fp32 even under autocast, so the cached and full forward passes agree. Positions where
     ``padding_mask`` (B, T) is False go to the extra bucket ``total_buckets(num_buckets)``."""
-    b, h, t, _ = vectors.shape
-    num_rounds = rotations.shape[0]
+    b, h, t, d = vectors.shape
+    num_rounds, _, width = rotations.shape
     if total_buckets(num_buckets) == 1:
         buckets = vectors.new_zeros((b, h, num_rounds, t), dtype=torch.long)
     else:
-        # One round and one slice of the sequence at a time, without autograd (buckets have no gradient): the
-        # rotated vectors of all rounds at once, (B, H, R, T, num_buckets / 2), would dominate peak memory at long
+        # Every round in one product, (D, R * width), over one slice of the sequence at a time, without autograd
+        # (buckets have no gradient): the rotated vectors of the whole sequence would dominate peak memory at long
         # lengths; slices keep them under HASH_CHUNK_ELEMENTS. Each position's bucket depends on it alone.
-        step = max(1, HASH_CHUNK_ELEMENTS // (b * h * rotations.shape[-1]))
+        step = max(1, HASH_CHUNK_ELEMENTS // (b * h * num_rounds * width))
         with torch.no_grad(), torch.autocast(device_type=vectors.device.type, enabled=False):
             vectors = vectors.float()
-            buckets = torch.stack([
-                torch.cat([_round_buckets(vectors[:, :, start:start + step] @ rotation, num_buckets)
-                           for start in range(0, t, step)], dim=-1)
-                for rotation in rotations.float()], dim=2)
+            all_rounds = rotations.float().permute(1, 0, 2).reshape(d, num_rounds * width)
+            parts = [
+                _round_buckets((vectors[:, :, start:start + step] @ all_rounds).unflatten(-1, (num_rounds, width)),
+                               num_buckets)
+                for start in range(0, t, step)]  # (B, H, slice, R) each
+            buckets = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).transpose(2, 3).contiguous()
     if padding_mask is not None:
         pad = ~padding_mask.bool()[:, None, None, :]
         buckets = buckets.masked_fill(pad, total_buckets(num_buckets))
@@ -143,7 +146,9 @@ def _gather_rounds(x: torch.Tensor, sorted_pos: torch.Tensor) -> torch.Tensor:
 
 def _unsort_and_combine(out: torch.Tensor, lse: torch.Tensor, sorted_pos: torch.Tensor) -> torch.Tensor:
     """out (B, H, R, T, D) and lse (B, H, R, T) in sorted order -> (B, H, T, D) in the original order."""
-    slots = sorted_pos.argsort(dim=-1)  # the slot of each original position: the inverse permutation
+    # the slot of each original position: the inverse permutation (a scatter, cheaper than sorting again)
+    order = torch.arange(sorted_pos.shape[-1], device=sorted_pos.device).expand_as(sorted_pos)
+    slots = torch.empty_like(sorted_pos).scatter_(-1, sorted_pos, order)
     out = out.gather(3, slots[..., None].expand(-1, -1, -1, -1, out.shape[-1]))
     return _combine_rounds(out, lse.gather(3, slots))
 
@@ -254,12 +259,13 @@ class LSHSelfAttention(nn.Module):
         query, value = (split_heads(x, self.num_heads)  # (B, H, T, D)
                         for x in project(hidden_states, [self.query_key, self.value]))
         key = nn.functional.normalize(query, dim=-1, eps=1e-6)
-        if self.training and self.fresh_rotations:
+        if self.training and self.fresh_rotations:  # drawn in a recomputation too: later random numbers line up
             rotations = torch.randn(self.fixed_rotations.shape, device=query.device)
         else:
             rotations = self.fixed_rotations
         new_mask = None if padding_mask is None else padding_mask[:, padding_mask.shape[1] - query.shape[2]:]
-        buckets = hash_vectors(query, rotations, self.num_buckets, new_mask)
+        # the reversible stack's recomputation gets the buckets of the forward pass back (`recompute`)
+        buckets = remembered(lambda: hash_vectors(query, rotations, self.num_buckets, new_mask))
 
         if cache is not None and cache.has(self.layer_idx):
             key = cache.append(self.layer_idx, "key", key, seq_dim=2)

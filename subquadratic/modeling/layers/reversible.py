@@ -9,7 +9,8 @@ and can be inverted: x2 = y2 - G(y1), x1 = y1 - F(x2). `ReversibleStack` runs th
 autograd function that keeps only the last block's outputs; the backward pass rebuilds each block's inputs from
 its outputs while it recomputes the block, so activation memory does not grow with depth. For the recomputation
 to equal the forward pass, each sub-layer replays the random state (dropout, fresh LSH rotations) and the autocast
-precision it ran under. Parameters enter the autograd function as inputs, so their gradients come back through
+precision it ran under, and gets back the discrete choices it made (LSH buckets, `recompute.remembered`) instead
+of making them again from inputs that were rebuilt only up to rounding. Parameters enter the autograd function as inputs, so their gradients come back through
 autograd itself (`torch.autograd.grad`, DDP hooks and gradient accumulation work as with any layer).
 """
 
@@ -19,6 +20,8 @@ import contextlib
 
 import torch
 from torch import nn
+
+from ..recompute import recording, replaying
 
 
 class _RandomState:
@@ -55,13 +58,15 @@ class _ReversibleFunction(torch.autograd.Function):
         # The backward pass recomputes F; it must not append to a decoding cache a second time.
         ctx.f_kwargs = {k: v for k, v in f_kwargs.items() if k != "cache"}
         ctx.autocast = _autocast_state(x1.device.type)
-        ctx.random_states = []
+        ctx.random_states, ctx.decisions = [], []
         for f, g in zip(stack.f_blocks, stack.g_blocks):
-            f_state = _RandomState(x1.device)
-            x1 = x1 + f(x2, **f_kwargs)
+            f_state, f_decisions = _RandomState(x1.device), []
+            with recording(f_decisions):  # e.g. LSH buckets: the recomputation must not hash rebuilt inputs again
+                x1 = x1 + f(x2, **f_kwargs)
             g_state = _RandomState(x1.device)
             x2 = x2 + g(x1)
             ctx.random_states.append((f_state, g_state))
+            ctx.decisions.append(f_decisions)
             stack.record(x1, x2)
         ctx.save_for_backward(x1, x2)
         return x1, x2
@@ -71,8 +76,8 @@ class _ReversibleFunction(torch.autograd.Function):
         y1, y2 = ctx.saved_tensors
         device_type, dtype, enabled = ctx.autocast
         grads: dict[nn.Parameter, torch.Tensor] = {}
-        blocks = list(zip(ctx.stack.f_blocks, ctx.stack.g_blocks, ctx.random_states))
-        for f, g, (f_state, g_state) in reversed(blocks):
+        blocks = list(zip(ctx.stack.f_blocks, ctx.stack.g_blocks, ctx.random_states, ctx.decisions))
+        for f, g, (f_state, g_state), f_decisions in reversed(blocks):
             # G: rebuild x2 = y2 - G(y1) and push grad_y2 through G.
             with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), g_state.replay():
                 y1 = y1.detach().requires_grad_(True)
@@ -82,7 +87,8 @@ class _ReversibleFunction(torch.autograd.Function):
             x2 = (y2 - g_out).detach()
             grad_y1 = grad_y1 + g_grads[0]
             # F: rebuild x1 = y1 - F(x2) and push grad_y1 through F.
-            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), f_state.replay():
+            with (torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), f_state.replay(),
+                  replaying(f_decisions)):
                 x2 = x2.requires_grad_(True)
                 f_out = f(x2, **ctx.f_kwargs)
             f_params = _params(f)
