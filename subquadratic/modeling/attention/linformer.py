@@ -113,16 +113,43 @@ class SequenceProjection(nn.Module):
         return torch.einsum("bhjsd,hs->bhjd", x, self.weight.expand(h, s)), slot_mask
 
 
-def project_inputs_first(projection: SequenceProjection, maps: list[nn.Linear], hidden_states: torch.Tensor,
+def project_inputs_first(pairs: list[tuple[SequenceProjection, nn.Linear]], hidden_states: torch.Tensor,
                          padding_mask: torch.Tensor | None):
-    """[projection(map(x)) for each map] computed as P(x) W^T + P(1) b, for a `shared_linear` projection P: the maps
-    run on the k' projected rows instead of the T input rows, and the (B, T, H*D) keys/values are never formed.
+    """[P(m(x)) for (P, m) in pairs] computed as P(x) W^T + P(1) b, for `shared_linear` projections P: the maps run
+    on the k' projected rows instead of the T input rows, and the (B, T, H*D) keys/values are never formed.
+    Learned ("linear") projections are applied together, their (k, T) matrices stacked into one product (one
+    shared by several maps is applied once).
 
-    hidden_states (B, T, hidden). Returns ([(B, k', H*D) per map], slot_mask as `SequenceProjection` gives it)."""
-    projected, slots = projection(hidden_states[:, None], padding_mask)  # (B, 1, k', hidden)
-    ones = hidden_states.new_ones(1, 1, hidden_states.shape[1], 1)
-    bias_weight = projection(ones, padding_mask)[0][:, 0]  # (B or 1, k', 1): P(1), the share of the bias per slot
-    return [nn.functional.linear(projected[:, 0], m.weight) + bias_weight * m.bias for m in maps], slots
+    hidden_states (B, T, hidden). Returns ([(B, k', H*D) per pair], slot_mask of the first projection as
+    `SequenceProjection` gives it)."""
+    projections = list(dict.fromkeys(projection for projection, _ in pairs))  # distinct, in order
+    if any(projection.kind != "linear" for projection in projections):
+        ones = hidden_states.new_ones(1, 1, hidden_states.shape[1], 1)
+        applied = {}  # projection -> (P(x) (B, k', hidden), P(1) (B or 1, k', 1): the bias's share per slot, slots)
+        for projection in projections:
+            projected, slots = projection(hidden_states[:, None], padding_mask)
+            applied[projection] = projected[:, 0], projection(ones, padding_mask)[0][:, 0], slots
+        outs = [_map_projected(linear, *applied[projection][:2]) for projection, linear in pairs]
+        return outs, applied[pairs[0][0]][2]
+    t = hidden_states.shape[1]
+    weight = torch.cat([projection.weight[0, :, :t] for projection in projections])  # (sum k, T)
+    if padding_mask is None:
+        projected = torch.matmul(weight, hidden_states)  # (B, sum k, hidden)
+        share = weight.sum(dim=-1)[None, :, None]  # P(1): (1, sum k, 1)
+    else:
+        keep = padding_mask.to(hidden_states.dtype)  # padded positions contribute nothing
+        projected = torch.matmul(weight, hidden_states * keep[..., None])
+        share = torch.matmul(keep, weight.t())[..., None]  # (B, sum k, 1)
+    sizes = [projection.projected_length for projection in projections]
+    projected, share = projected.split(sizes, dim=1), share.split(sizes, dim=1)
+    index = {projection: i for i, projection in enumerate(projections)}
+    return [_map_projected(linear, projected[index[p]], share[index[p]]) for p, linear in pairs], None
+
+
+def _map_projected(linear: nn.Linear, projected: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """linear applied to projected rows P(x): P(x) W^T + P(1) b (in the dtype of the product)."""
+    out = nn.functional.linear(projected, linear.weight)
+    return out if linear.bias is None else out + (share * linear.bias).to(out.dtype)
 
 
 class LinformerSelfAttention(nn.Module):
@@ -182,13 +209,9 @@ class LinformerSelfAttention(nn.Module):
             value_projection = self.value_projection or key_projection
         query = split_heads(self.query(hidden_states), self.num_heads)  # (B, H, T, D)
         fast = use_fast_path(query, flex=False)  # SDPA: any torch, with a CPU backward
-        if fast and key_projection.shared_linear:
-            if key_projection is value_projection:
-                (key, value), slots = project_inputs_first(key_projection, [self.key, self.value], hidden_states,
-                                                           padding_mask)
-            else:
-                (key,), slots = project_inputs_first(key_projection, [self.key], hidden_states, padding_mask)
-                (value,), _ = project_inputs_first(value_projection, [self.value], hidden_states, padding_mask)
+        if fast and key_projection.shared_linear and value_projection.shared_linear:
+            (key, value), slots = project_inputs_first([(key_projection, self.key), (value_projection, self.value)],
+                                                       hidden_states, padding_mask)
             key, value = split_heads(key, self.num_heads), split_heads(value, self.num_heads)  # (B, H, k', D)
         else:
             key, slots = key_projection(split_heads(self.key(hidden_states), self.num_heads), padding_mask)
