@@ -4,7 +4,8 @@ Window: with window size w (even), token i attends to the tokens i + k * d for -
 for -w <= k <= 0; d is the head's dilation (1: consecutive tokens). Global: tokens marked global attend to every
 (earlier, when causal) token, with their own query/key/value projections, and every (later, when causal) token
 attends to them with the ordinary projections. A query's softmax runs over the union of its window and the global
-keys, each key counted once (global keys are taken out of the windows).
+keys, each key counted once (a global key inside a query's window belongs to the window part, and is left out
+of that query's global part).
 
 Memory and time are linear in the length T: no (T, T) score matrix is ever built.
 
@@ -81,7 +82,7 @@ def sliding_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.T
                           causal: bool, key_ok: torch.Tensor, dropout: nn.Module | None = None):
     """Dilated sliding-window attention for heads sharing one dilation.
 
-    query/key/value (B, H, T, D), any T; key_ok (B, T) bool: keys a window may contain (real, non-global).
+    query/key/value (B, H, T, D), any T; key_ok (B, T) bool: keys a window may contain (the real ones).
     Returns (out (B, H, T, D), logsumexp (B, H, T) in fp32) for combining with other keys."""
     b, h, t, d_head = query.shape
     d = dilation
@@ -119,7 +120,7 @@ def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     The residue classes modulo d are laid end to end (position s * d + r goes to r * S + s), so each class is a
     plain band of its own and a dilated head costs what an undilated one does. That pattern depends only on the
     sizes (with the positions added to fill the last class), so its block mask is built once; which keys are
-    real (or global) is data, so it enters through a score_mod, which also runs on the block mask's full blocks
+    real is data, so it enters through a score_mod, which also runs on the block mask's full blocks
     (those skip the mask_mod). Masked keys get MASK_VALUE as in the readable path: a query whose window keys are
     all masked averages instead of giving NaN, and its finite log-sum-exp combines with the global part as the
     readable one does. Without ``key_ok`` there is no score_mod: the kernels are those of a plain band."""
@@ -282,23 +283,33 @@ class SlidingWindowSelfAttention(nn.Module):
             out, _ = self._window_part(query, key, value, None if padding_mask is None else real)
             return self.output(merge_heads(out))
 
-        return self.output(merge_heads(self._with_global_tokens(hidden_states, query, key, value, real, glob)))
+        key_ok = None if padding_mask is None else real
+        return self.output(merge_heads(self._with_global_tokens(hidden_states, query, key, value, real, key_ok, glob)))
 
     @torch.compiler.disable
-    def _with_global_tokens(self, hidden_states, query, key, value, real, glob: GlobalTokens) -> torch.Tensor:
+    def _with_global_tokens(self, hidden_states, query, key, value, real, key_ok, glob: GlobalTokens) -> torch.Tensor:
         """Attention of every query when some tokens are global: its window and the global keys, and for global
-        queries every real key. Returns (B, H, T, D).
+        queries every real key; real (B, T) bool, key_ok the same or None when there is no padding. Returns
+        (B, H, T, D).
+
+        Global keys stay in the windows (so that without padding the window part needs no key mask, which made
+        its FlexAttention kernels several times slower); a query's global part takes only the global keys outside
+        its window.
 
         Inside torch.compile this runs eagerly (a graph break; the number of global tokens is data anyway):
         compiled by inductor, its input gradients came out wrong on an H200 (torch 2.11) with FlexAttention and
         with the readable window part alike, and on CPU through `unfold` (see `_windows`)."""
         b, t, _ = hidden_states.shape
-        out, lse = self._window_part(query, key, value, real & ~glob.mask)
-        # Every query also attends to the global keys (ordinary projections): (B, H, T, G) scores.
+        out, lse = self._window_part(query, key, value, key_ok)
+        # Every query also attends to the global keys outside its window (ordinary projections): (B, H, T, G).
         positions = torch.arange(t, device=hidden_states.device)
-        allowed = glob.valid[:, None, None, :]  # (B, 1, 1, G)
+        offset = glob.index[:, None, None, :] - positions[:, None]  # (B, 1, T, G): key position - query position
+        dilation = torch.tensor(self.dilation, device=offset.device)[:, None, None]  # (H, 1, 1)
+        before, after = (self.window, 0) if self.causal else (self.window // 2, self.window // 2)
+        in_window = (offset % dilation == 0) & (offset >= -before * dilation) & (offset <= after * dilation)
+        allowed = glob.valid[:, None, None, :] & ~in_window  # (B, H, T, G)
         if self.causal:
-            allowed = allowed & (glob.index[:, None, None, :] <= positions[:, None])
+            allowed = allowed & (offset <= 0)
         out_g, lse_g = dense_attend(query, glob.gather(key), glob.gather(value), allowed,
                                     1.0 / math.sqrt(query.shape[-1]), self.dropout)
         out, _ = combine_softmax(out, lse, out_g, lse_g)
