@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from subquadratic.modeling.attention import dense as dense_module
 from subquadratic.modeling.attention import sliding_window as sliding_window_module
 from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.attention.masking import merge_heads, split_heads
@@ -132,8 +133,14 @@ def test_empty_global_mask_equals_no_global_mask_with_gradients():
     torch.testing.assert_close(grad_a, grad_b)
 
 
-def test_gradients_match_brute_force():
-    module = make(6, [1, 3, 1, 2], causal=False)
+@pytest.mark.parametrize("key_chunk", [None, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_brute_force(key_chunk, causal, monkeypatch):
+    """``key_chunk`` 4: global queries attend to the sequence in chunks of 4 keys (`few_queries_attend`, which
+    sequences of the default sizes reach only past 2048 tokens)."""
+    if key_chunk:
+        monkeypatch.setattr(dense_module, "LONG_KEY_CHUNK", key_chunk)
+    module = make(6, [1, 3, 1, 2], causal=causal)
     x, padding, glob = inputs(2, 17, pad_from=12, global_at=[(0, 0), (1, 9)])
     grads = []
     for fn in (lambda: module(x, padding_mask=padding, global_mask=glob),

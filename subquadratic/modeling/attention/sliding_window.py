@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..cache import LayerStateCache
-from .dense import dense_attend, full_attend
+from .dense import dense_attend, few_queries_attend, full_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run
 from .masking import MASK_VALUE, merge_heads, split_heads
 from .projections import project
@@ -175,8 +175,7 @@ class GlobalTokens:
 
     global_mask (B, T) bool, restricted to real tokens (global_mask & padding_mask). ``index`` (B, G):
     positions of each row's global tokens in order, padded with arbitrary positions where ``valid`` (B, G) is
-    False; ``slot`` (B, T): for a global token, its column in ``index``. G is the largest number of global tokens
-    in a row (may be 0)."""
+    False. G is the largest number of global tokens in a row (may be 0)."""
 
     def __init__(self, global_mask: torch.Tensor):
         count = global_mask.sum(dim=1)  # (B,)
@@ -184,7 +183,6 @@ class GlobalTokens:
         # stable sort puts global positions first, in order
         self.index = torch.argsort((~global_mask).to(torch.int8), dim=1, stable=True)[:, :num]
         self.valid = torch.arange(num, device=global_mask.device) < count[:, None]
-        self.slot = (global_mask.long().cumsum(dim=1) - 1).clamp(min=0)
         self.mask = global_mask
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -323,12 +321,13 @@ class SlidingWindowSelfAttention(nn.Module):
         allowed = real[:, None, None, :]  # (B, 1, 1, T)
         if self.causal:
             allowed = allowed & (positions <= glob.index[:, None, :, None])
-        g_out, _ = dense_attend(g_query, g_key, g_value, allowed, 1.0 / math.sqrt(query.shape[-1]), self.dropout)
-        # Each global token takes its row of g_out: gather along G by its slot (a zero row is added so the
-        # gather is valid when G = 0), then select.
-        slot = glob.slot[:, None, :, None].expand(-1, self.num_heads, -1, g_out.shape[-1])  # (B, H, T, D)
-        g_out = nn.functional.pad(g_out, (0, 0, 0, 1)).gather(2, slot)
-        return torch.where(glob.mask[:, None, :, None], g_out, out)
+        g_out, _ = few_queries_attend(g_query, g_key, g_value, allowed, 1.0 / math.sqrt(query.shape[-1]),
+                                      self.dropout)
+        # Each global token takes its row of g_out, written at its position; the padded slots of `index` write back
+        # what their (non-global) position already holds. Positions are unique, so the scatter is exact.
+        index = glob.index[:, None, :, None].expand(-1, self.num_heads, -1, out.shape[-1])  # (B, H, G, D)
+        rows = torch.where(glob.valid[:, None, :, None], g_out.to(out.dtype), out.gather(2, index))
+        return out.scatter(2, index, rows)
 
     def _decode(self, query, key, value, padding_mask, cache, global_mask):
         """Causal attention of the Q new positions over all T cached and new keys (incremental decoding): one

@@ -1,0 +1,27 @@
+"""`few_queries_attend` (the key axis in chunks) against `dense_attend` (one product over it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from subquadratic.modeling.attention.dense import dense_attend, few_queries_attend
+
+
+@pytest.mark.parametrize("k,chunk", [(37, 4), (40, 8), (9, 4)])  # a last chunk to fill, whole chunks, too few keys
+@pytest.mark.parametrize("per_query_mask", [False, True])
+def test_chunked_keys_give_the_dense_result_and_gradients(k, chunk, per_query_mask):
+    torch.manual_seed(0)
+    query = torch.randn(2, 3, 4, 8, requires_grad=True)
+    key, value = (torch.randn(2, 3, k, 8, requires_grad=True) for _ in range(2))
+    shape = (2, 1, 4, k) if per_query_mask else (2, 1, 1, k)
+    allowed = torch.rand(shape) < 0.7
+    allowed[..., 0] = True  # no query without an allowed key
+    weight = torch.randn(2, 3, 4, 8)
+    results = []
+    for attend in (dense_attend, lambda *args: few_queries_attend(*args, chunk=chunk)):
+        out, lse = attend(query, key, value, allowed, 0.3)
+        grads = torch.autograd.grad((out * weight).sum() + lse.sum(), [query, key, value])
+        results.append([out, lse, *grads])
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
