@@ -60,7 +60,7 @@ class ReformerLMConfig(PretrainedConfig):
         initializer_range (`float`, defaults to 0.02): standard deviation of the normal weight initialisation.
         reversible (`bool`, defaults to True): run the layers as reversible residual blocks, recomputing activations
             in the backward pass so activation memory does not grow with depth. False runs the same blocks as
-            ordinary residual layers (same outputs, more memory, and `gradient_checkpointing_enable()` applies).
+            ordinary residual layers (same outputs, more memory, and activation checkpointing applies).
         tie_word_embeddings (`bool`, defaults to False): share the input embedding matrix with the LM head.
         use_cache (`bool`, defaults to True): return a cache for incremental decoding (causal models, eval mode).
         classifier_dropout (`float`, optional): dropout before the classification head; defaults to

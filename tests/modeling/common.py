@@ -12,6 +12,17 @@ import transformers
 from transformers import AutoConfig
 
 
+def enable_checkpointing(model, use_reentrant: bool | None = None) -> None:
+    """Activation checkpointing through `transformers`' public switch: `activation_checkpointing_enable` where the
+    installed release has it (5.23 on, where `gradient_checkpointing_enable` is a deprecated alias), else the old
+    name."""
+    kwargs = None if use_reentrant is None else {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def eval_outputs(model, inputs: dict) -> torch.Tensor:
     """The main output tensor of a model in eval mode (logits, or the last hidden state)."""
     model.eval()

@@ -21,6 +21,7 @@ from tests.modeling.common import (
     check_remote_code,
     check_resize_token_embeddings,
     check_save_load_roundtrip,
+    enable_checkpointing,
     eval_outputs,
 )
 
@@ -169,7 +170,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     def grads(checkpointing: bool):
         model = tiny(LinformerForMaskedLM, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()  # activation_checkpointing_enable is 5.23+ only
+            enable_checkpointing(model)
             assert all(layer.gradient_checkpointing for layer in model.model.layers)
         model(input_ids=ids(), labels=ids()).loss.backward()
         return [p.grad for p in model.parameters()]

@@ -34,6 +34,7 @@ from tests.modeling.common import (
     check_remote_code,
     check_resize_token_embeddings,
     check_save_load_roundtrip,
+    enable_checkpointing,
     eval_outputs,
 )
 
@@ -285,7 +286,7 @@ def test_training_step_and_gradient_checkpointing():
     def grads(checkpointing: bool):
         model = tiny(LongformerStyleForMaskedLM).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()  # activation_checkpointing_enable is 5.23+ only
+            enable_checkpointing(model)
             assert all(layer.gradient_checkpointing for layer in model.model.layers)
         glob = torch.zeros(2, 23, dtype=torch.long)
         glob[:, 0] = 1

@@ -22,6 +22,7 @@ from tests.modeling.common import (
     check_remote_code,
     check_resize_token_embeddings,
     check_save_load_roundtrip,
+    enable_checkpointing,
     eval_outputs,
 )
 
@@ -178,7 +179,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     _, plain = _clone_pair()
     x = ids(t=16)
     _, expected = _loss_and_grads(plain, x, seed=0)
-    plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(plain, use_reentrant=False)
     _, got = _loss_and_grads(plain, x, seed=0)
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, atol=1e-6, rtol=1e-5, msg=name)

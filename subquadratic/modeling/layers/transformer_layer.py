@@ -19,7 +19,8 @@ from .feed_forward import ChunkedFeedForward
 class TransformerEncoderLayer(GradientCheckpointingLayer):
     """attention + feed-forward residual sub-layers, each followed by a layer norm.
 
-    A `GradientCheckpointingLayer`, so `model.gradient_checkpointing_enable()` recomputes it in the backward pass.
+    A `GradientCheckpointingLayer`, so `model.activation_checkpointing_enable()` (before transformers 5.23:
+    `gradient_checkpointing_enable()`) recomputes it in the backward pass.
 
     Args:
         attention: the self-attention module, ``attention(hidden_states, **attention_kwargs) -> hidden_states``.
