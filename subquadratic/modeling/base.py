@@ -74,12 +74,13 @@ def pad_to_multiple(hidden_states: torch.Tensor, padding_mask: torch.Tensor | No
 def padding_mask_or_none(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """The (B, T) bool padding mask of an ``attention_mask``, or None where it marks every token real, so that the
     attention runs the kernels of unpadded input (a data collator passes an all-ones mask with unpadded batches).
-    Finding that out reads one value back from the device, once per forward; inside torch.compile the mask is
-    kept instead (no data-dependent branch in the graph)."""
+    Finding that out reads one value back from the device, once per forward; inside torch.compile and while
+    `torch.jit.trace` records, the mask is kept instead (a traced or compiled graph must not bake in the answer for
+    the example input)."""
     if attention_mask is None:
         return None
     mask = attention_mask.bool()
-    if not torch.compiler.is_compiling() and bool(mask.all()):
+    if not torch.compiler.is_compiling() and not torch.jit.is_tracing() and bool(mask.all()):
         return None
     return mask
 

@@ -208,6 +208,20 @@ def test_all_ones_attention_mask_reaches_the_attention_as_no_mask(monkeypatch):
     assert torch.equal(seen[-1], mask.bool())
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_traced_with_an_all_ones_mask_still_reads_the_mask():
+    """`torch.jit.trace` records one path: with an all-ones example mask it must not record "no padding"."""
+    model = tiny(LongformerStyleForMaskedLM).eval().requires_grad_(False)
+    input_ids = ids(2, 23)
+    traced = torch.jit.trace(lambda i, m: model(i, attention_mask=m).logits,
+                             (input_ids, torch.ones(2, 23, dtype=torch.long)), check_trace=False)
+    mask = torch.ones(2, 23, dtype=torch.long)
+    mask[1, 15:] = 0
+    with torch.no_grad():
+        expected = model(input_ids, attention_mask=mask).logits
+    torch.testing.assert_close(traced(input_ids, mask)[mask.bool()], expected[mask.bool()])
+
+
 def test_causality_with_dilation_and_global_first_token():
     model = tiny(LongformerStyleForCausalLM, is_decoder=True, default_global_attention="first_token")
     check_causality(model, ids(2, 30), t=17)

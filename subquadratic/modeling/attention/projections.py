@@ -3,23 +3,37 @@
 An attention module maps its input through query, key and value projections. Done one by one, each reads the input
 again (and, under autocast, casts it to the compute dtype again), and the backward pass adds up three input
 gradients; with the weights concatenated it is one product, one cast and one input gradient. The parameters stay
-separate modules, so checkpoints keep their layout (RoBERTa's `query`/`key`/`value`)."""
+separate modules, so checkpoints keep their layout (RoBERTa's `query`/`key`/`value`).
+
+Concatenating the weights costs a copy of them per call, which pays only when the input has at least as many rows
+as the maps have outputs together: a decoding step (one row per sequence) calls the maps one by one."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 
-def _plain(module: nn.Module) -> bool:
-    # Exactly nn.Linear with no hooks: a subclass or wrapper (LoRA, quantised layers) or a hook must see its call.
-    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+def _anything_watching(m: nn.Module) -> bool:
+    """Whether calling ``m`` does more than its weights say: a subclass or wrapper (LoRA, quantised layers), a
+    forward replaced on the instance (accelerate's offloading), or forward/backward hooks of the module or global
+    ones (module trackers, FSDP units)."""
+    if type(m) is not nn.Linear or "forward" in m.__dict__ or hasattr(m, "_hf_hook"):
+        return True
+    own = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+    global_hooks = [getattr(_module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")]
+    return any(own) or any(global_hooks)
 
 
 def project(hidden_states: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor]:
-    """[linear(hidden_states) for linear in linears], as one product where every map is a plain `nn.Linear` with
-    the same bias setting; otherwise each module is called (so that adapters and hooks apply)."""
-    if len(linears) < 2 or not all(_plain(m) for m in linears) or len({m.bias is None for m in linears}) > 1:
+    """[linear(hidden_states) for linear in linears], as one product where every map is a plain `nn.Linear` (no
+    hooks, wrappers or offloading) with the same bias setting and the input has enough rows; otherwise each
+    module is called."""
+    rows = hidden_states.numel() // max(1, hidden_states.shape[-1])
+    if (len(linears) < 2 or any(_anything_watching(m) for m in linears) or len({m.bias is None for m in linears}) > 1
+            or rows < sum(m.out_features for m in linears)):
         return [m(hidden_states) for m in linears]
     weight = torch.cat([m.weight for m in linears])
     bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])

@@ -302,13 +302,17 @@ class SlidingWindowSelfAttention(nn.Module):
         # Every query also attends to the global keys outside its window (ordinary projections): (B, H, T, G).
         positions = torch.arange(t, device=hidden_states.device)
         offset = glob.index[:, None, None, :] - positions[:, None]  # (B, 1, T, G): key position - query position
-        dilation = torch.tensor(self.dilation, device=offset.device)[:, None, None]  # (H, 1, 1)
+        dilation = self.dilation[0]  # one for every head: the mask stays (B, 1, T, G)
+        if len(self.head_groups) > 1:
+            dilation = torch.tensor(self.dilation, device=offset.device)[:, None, None]  # (H, 1, 1)
         before, after = (self.window, 0) if self.causal else (self.window // 2, self.window // 2)
         in_window = (offset % dilation == 0) & (offset >= -before * dilation) & (offset <= after * dilation)
-        allowed = glob.valid[:, None, None, :] & ~in_window  # (B, H, T, G)
+        allowed = glob.valid[:, None, None, :] & ~in_window  # (B, 1 or H, T, G)
         if self.causal:
             allowed = allowed & (offset <= 0)
-        out_g, lse_g = dense_attend(query, glob.gather(key), glob.gather(value), allowed,
+        # query is a view of the fused q/k/v projection: a copy, so that what this product keeps for backward
+        # does not hold on to the keys and values too
+        out_g, lse_g = dense_attend(query.contiguous(), glob.gather(key), glob.gather(value), allowed,
                                     1.0 / math.sqrt(query.shape[-1]), self.dropout)
         out, _ = combine_softmax(out, lse, out_g, lse_g)
         # Global queries attend to every real key with the global projections: (B, H, G, T) scores.
