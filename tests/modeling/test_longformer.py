@@ -209,6 +209,7 @@ def test_all_ones_attention_mask_reaches_the_attention_as_no_mask(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")  # still what legacy ONNX uses
 def test_traced_with_an_all_ones_mask_still_reads_the_mask():
     """`torch.jit.trace` records one path: with an all-ones example mask it must not record "no padding"."""
     model = tiny(LongformerStyleForMaskedLM).eval().requires_grad_(False)
