@@ -71,10 +71,12 @@ def _windows(x: torch.Tensor, before: int, after: int, block: int, fill=0.0) -> 
 
 
 def _pad_tokens(extra: int, query, key, value, key_ok):
-    """Append ``extra`` positions to query/key/value (B, H, T, D); key_ok (B, T) masks the added keys."""
+    """Append ``extra`` positions to query/key/value (B, H, T, D); key_ok (B, T) masks the added keys (None: the
+    caller masks them another way)."""
     if extra:
         query, key, value = (nn.functional.pad(x, (0, 0, 0, extra)) for x in (query, key, value))
-        key_ok = nn.functional.pad(key_ok, (0, extra), value=False)
+        if key_ok is not None:
+            key_ok = nn.functional.pad(key_ok, (0, extra), value=False)
     return query, key, value, key_ok
 
 
@@ -127,10 +129,7 @@ def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     b, h, t, d_head = query.shape
     d = dilation
     extra = (-t) % d  # pad T to whole residue classes
-    if key_ok is not None:
-        query, key, value, key_ok = _pad_tokens(extra, query, key, value, key_ok)
-    elif extra:
-        query, key, value = (nn.functional.pad(x, (0, 0, 0, extra)) for x in (query, key, value))
+    query, key, value, key_ok = _pad_tokens(extra, query, key, value, key_ok)
     s = (t + extra) // d
 
     def class_major(x):  # (B, H, T, ...) -> the same shape, classes end to end (a view when d = 1)
