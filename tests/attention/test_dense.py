@@ -1,11 +1,18 @@
-"""`few_queries_attend` (the key axis in chunks) against `dense_attend` (one product over it)."""
+"""`few_queries_attend` (the key axis in chunks) against `dense_attend` (one product over it), and
+`few_keys_attend` (the query axis in batch entries) against `full_attend` (one call)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from subquadratic.modeling.attention.dense import dense_attend, few_queries_attend
+from subquadratic.modeling.attention.dense import (
+    dense_attend,
+    few_keys_attend,
+    few_queries_attend,
+    full_attend,
+)
+from subquadratic.modeling.attention.masking import split_heads
 
 
 @pytest.mark.parametrize("k,chunk", [(37, 4), (40, 8), (9, 4)])  # a last chunk to fill, whole chunks, too few keys
@@ -23,5 +30,28 @@ def test_chunked_keys_give_the_dense_result_and_gradients(k, chunk, per_query_ma
         out, lse = attend(query, key, value, allowed, 0.3)
         grads = torch.autograd.grad((out * weight).sum() + lse.sum(), [query, key, value])
         results.append([out, lse, *grads])
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t,block", [(64, 8), (48, 8), (40, 16), (7, 2)])  # 8 blocks, 4 (48 = 16 * 3), 2, none
+@pytest.mark.parametrize("masked", [False, True])
+def test_query_blocks_give_the_one_call_result_and_gradients(t, block, masked):
+    torch.manual_seed(0)
+    b, h, k, d = 2, 3, 5, 8
+    # queries as the projections leave them: (B, T, H * D) seen as (B, H, T, D)
+    query = torch.randn(b, t, h * d, requires_grad=True)
+    key, value = (torch.randn(b, h, k, d, requires_grad=True) for _ in range(2))
+    key_ok = None
+    if masked:
+        key_ok = torch.rand(b, k) < 0.6
+        key_ok[:, 0] = True
+    weight = torch.randn(b, h, t, d)
+    results = []
+    for attend in (lambda q, kk, v, ok: full_attend(q, kk, v, ok, False),
+                   lambda q, kk, v, ok: few_keys_attend(q, kk, v, ok, block=block)):
+        out = attend(split_heads(query, h), key, value, key_ok)
+        grads = torch.autograd.grad((out * weight).sum(), [query, key, value])
+        results.append([out, *grads])
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

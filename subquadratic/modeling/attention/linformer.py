@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ...configuration.linformer import PROJECTION_KINDS, SHARING_MODES
-from .dense import dense_attend, full_attend
+from .dense import dense_attend, few_keys_attend
 from .flex import use_fast_path
 from .masking import merge_heads, split_heads
 
@@ -218,7 +218,7 @@ class LinformerSelfAttention(nn.Module):
             value, _ = value_projection(split_heads(self.value(hidden_states), self.num_heads), padding_mask)
         if fast:
             dropout_p = self.dropout.p if self.training else 0.0
-            out = full_attend(query, key, value, None if slots is None else slots.flatten(1), False, dropout_p)
+            out = few_keys_attend(query, key, value, None if slots is None else slots.flatten(1), dropout_p)
         else:
             # scores (B, H, T, k'): softmax in fp32 over the projected positions, empty pooled slots masked
             out, _ = dense_attend(query, key, value, slots, 1.0 / math.sqrt(query.shape[-1]), self.dropout)

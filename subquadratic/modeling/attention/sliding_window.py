@@ -218,9 +218,13 @@ class SlidingWindowSelfAttention(nn.Module):
         groups: dict[int, list[int]] = {}
         for head, d in enumerate(dilation):
             groups.setdefault(d, []).append(head)
-        self.head_groups = list(groups.items())
-        order = [head for _, heads in self.head_groups for head in heads]
-        self.head_order = sorted(range(num_heads), key=order.__getitem__)  # inverse permutation of `order`
+        # a group of consecutive heads is taken as a slice (a view; indexing by a list copies, and its backward
+        # is an accumulating scatter); the concatenated groups need reordering only when some are not in order
+        self.head_groups = [(d, slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1))
+                             else heads) for d, heads in groups.items()]
+        order = [head for heads in groups.values() for head in heads]
+        self.head_order = (None if order == list(range(num_heads))
+                           else sorted(range(num_heads), key=order.__getitem__))  # inverse permutation of `order`
         for name in ("query", "key", "value", "query_global", "key_global", "value_global", "output"):
             setattr(self, name, nn.Linear(hidden_size, hidden_size, bias=bias))
         self.dropout = nn.Dropout(dropout)
@@ -243,8 +247,9 @@ class SlidingWindowSelfAttention(nn.Module):
             return attend(query, key, value, self.window, self.dilation[0], self.causal, key_ok)
         parts = [attend(query[:, heads], key[:, heads], value[:, heads], self.window, d, self.causal, key_ok)
                  for d, heads in self.head_groups]
-        out = torch.cat([p[0] for p in parts], dim=1)[:, self.head_order]
-        lse = torch.cat([p[1] for p in parts], dim=1)[:, self.head_order]
+        out, lse = (torch.cat([p[i] for p in parts], dim=1) for i in (0, 1))
+        if self.head_order is not None:
+            out, lse = out[:, self.head_order], lse[:, self.head_order]
         return out, lse
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
