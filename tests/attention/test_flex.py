@@ -103,3 +103,29 @@ def test_eager_block_masks_match_create_block_mask(monkeypatch, q_len, kv_len, b
     assert ours.seq_lengths == (q_len, kv_len)
     assert torch.equal(ours.q_num_blocks, theirs.q_num_blocks)  # the transposed (backward) side too
     assert torch.equal(ours.full_q_num_blocks, theirs.full_q_num_blocks)
+
+
+@pytest.mark.parametrize("q_len, before, after", [(200, 17, 9), (256, 40, 0)])
+def test_key_columns_give_the_block_mask_of_the_band_or_those_keys(q_len, before, after):
+    """`with_key_columns` (from the band's cached layout, no mask evaluated) against create_block_mask of the
+    combined mask_mod: same blocks to compute, so the same kernel results. Each batch row has its own keys."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    band = _band(before, after, 1000)
+    keys = torch.zeros(2, q_len, dtype=torch.bool)
+    keys[0, [0, 3]] = True
+    keys[1, [70, q_len - 1]] = True
+
+    def band_or_key(b, h, q, k):
+        return band(b, h, q, k) | keys[b, k]
+
+    cached = flex.build_block_mask(band, None, None, q_len, q_len, "cpu", block_size=16, reach=(before, after))
+    partial, full = flex.block_layout(cached)
+    for mine, torchs in zip((partial, full), _blocks(cached)):
+        assert torch.equal(mine.int(), torchs.int())  # the layout round trip
+    ours = flex.with_key_columns(cached, keys, band_or_key)
+    theirs = create_block_mask(band_or_key, 2, None, q_len, q_len, "cpu", BLOCK_SIZE=16)
+    theirs_partial, theirs_full = flex.block_layout(theirs)
+    ours_partial, ours_full = flex.block_layout(ours)
+    assert torch.equal(ours_full, theirs_full) and torch.equal(ours_partial, theirs_partial)
+    assert ours.kv_num_blocks.shape[0] == 2

@@ -193,9 +193,47 @@ def build_block_mask(mask_mod: Callable, batch: int | None, heads: int | None, q
         full[:, :, q_block:q_end, k_block:k_end] = count == block_size * block_size
         partial[:, :, q_block:q_end, k_block:k_end] = (count > 0) & (count < block_size * block_size)
 
-    def ordered(blocks):  # (B, H, n_q, n_kv) bool -> counts, then the marked block indices first (in order)
+    return block_mask_from_layout(partial, full, mask_mod, q_len, kv_len, block_size)
+
+
+def block_mask_from_layout(partial: torch.Tensor, full: torch.Tensor, mask_mod: Callable, q_len: int, kv_len: int,
+                           block_size: int = 128):
+    """A `BlockMask` from its layout: partial and full (B, H, n_q, n_kv) bool, disjoint, marking the key blocks
+    each query block computes with ``mask_mod`` applied (partial) or without it (full)."""
+
+    def ordered(blocks):  # -> counts, then the marked block indices first (in order)
         counts = blocks.sum(dim=-1, dtype=torch.int32)
         return counts, torch.argsort(blocks.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
 
     return _flex_module.BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size,
                                                  mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
+
+
+def block_layout(block_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `block_mask_from_layout`: (partial, full) (B, H, n_q, n_kv) bool of a `BlockMask`."""
+
+    def marked(counts, indices):
+        n_kv = indices.shape[-1]
+        keep = (torch.arange(n_kv, device=indices.device) < counts[..., None]).to(torch.int8)
+        dense = torch.zeros_like(keep)  # amax: an index repeated past the count cannot unmark a block
+        return dense.scatter_reduce_(-1, indices.long(), keep, reduce="amax").bool()
+
+    partial = marked(block_mask.kv_num_blocks, block_mask.kv_indices)
+    if block_mask.full_kv_num_blocks is None:
+        return partial, torch.zeros_like(partial)
+    return partial, marked(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+
+
+def with_key_columns(block_mask, keys: torch.Tensor, mask_mod: Callable):
+    """``block_mask`` with every query block also computing the key blocks that hold a key marked in ``keys``
+    (B, kv_len) bool, as partial blocks under ``mask_mod`` (which must allow what ``block_mask`` allowed and
+    the marked keys it should add). For keys that every query may attend (global tokens), whose positions are
+    data: built per call from the cached mask's layout, in O(n_q * n_kv) block entries, no mask_mod evaluated."""
+    partial, full = block_layout(block_mask)
+    block_size = block_mask.BLOCK_SIZE[1]
+    q_len, kv_len = block_mask.seq_lengths
+    n_kv = partial.shape[-1]
+    columns = torch.nn.functional.pad(keys, (0, n_kv * block_size - keys.shape[1]))
+    columns = columns.view(keys.shape[0], n_kv, block_size).any(dim=-1)  # (B, n_kv)
+    partial = partial | (columns[:, None, None, :] & ~full)
+    return block_mask_from_layout(partial, full.expand_as(partial), mask_mod, q_len, kv_len, block_size)

@@ -23,8 +23,9 @@ The number of global tokens G is the only size read from the data; without a glo
 skipped (that choice depends on whether a mask is passed, not on its values).
 
 Fast path (on CUDA by default, see `flex`): the window part runs through FlexAttention instead
-(`flex_window_attend`, same pairs and results); the global parts stay as they are (G keys or G queries per row are
-few, and their positions are data, which a cached block mask cannot hold)."""
+(`flex_window_attend`, same pairs and results), and the global keys join it: their key blocks are added to the
+cached window block mask once per forward pass (their positions are data), so each query's window and global keys
+are one softmax in one kernel, with no second part to combine. Global queries keep their dense (G, T) path."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from torch import nn
 
 from ..cache import LayerStateCache
 from .dense import dense_attend, few_queries_attend, full_attend
-from .flex import cached_block_mask, flex_attention, flex_can_run
+from .flex import cached_block_mask, flex_attention, flex_can_run, with_key_columns
 from .masking import MASK_VALUE, merge_heads, split_heads
 from .projections import project
 
@@ -115,9 +116,15 @@ def sliding_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 
 def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, dilation: int,
-                       causal: bool, key_ok: torch.Tensor | None):
+                       causal: bool, key_ok: torch.Tensor | None, global_keys: torch.Tensor | None = None,
+                       masks: dict | None = None):
     """`sliding_window_attend` through FlexAttention (no dropout): same arguments, pairs and results; ``key_ok``
     may also be None (every key real: no padding and no global tokens).
+
+    ``global_keys`` (B, T) bool: keys that every query also attends (when causal, every later query), in the
+    same softmax as its window; each key counts once. Their key blocks join every query block's blocks, as
+    partial blocks (`flex.with_key_columns`, built per call since the positions are data: ``masks``, a dict that
+    lives for one forward pass, keeps them for the other layers).
 
     The residue classes modulo d are laid end to end (position s * d + r goes to r * S + s), so each class is a
     plain band of its own and a dilated head costs what an undilated one does. That pattern depends only on the
@@ -155,6 +162,21 @@ def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         mask_mod, mask_key = band_of_real_keys, mask_key + (t,)
     block_mask = cached_block_mask(mask_key, mask_mod, None, None, d * s, d * s, query.device,
                                    reach=(before, after))
+    if global_keys is not None:
+        masks = {} if masks is None else masks
+        mask_key = mask_key + (d, causal, key_ok is None)
+        if mask_key not in masks:
+            is_global = class_major(nn.functional.pad(global_keys, (0, extra))[:, None, :, None])[:, 0, :, 0]
+            window_mask_mod = mask_mod
+
+            def mask_mod(b, h, q_idx, kv_idx):  # the window, or a global key (not later, when causal)
+                also = is_global[b, kv_idx]
+                if causal:  # compare the positions in the sequence, not in the class-major layout
+                    also = also & ((kv_idx % s) * d + kv_idx // s <= (q_idx % s) * d + q_idx // s)
+                return window_mask_mod(b, h, q_idx, kv_idx) | also
+
+            masks[mask_key] = with_key_columns(block_mask, is_global, mask_mod)
+        block_mask = masks[mask_key]
     out, lse = flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod, scale=1.0 / math.sqrt(d_head),
                               return_lse=True)
     out = _from_dilated(out.reshape(b, h, d, s, d_head))[:, :, :t]
@@ -183,6 +205,7 @@ class GlobalTokens:
         self.index = torch.argsort((~global_mask).to(torch.int8), dim=1, stable=True)[:, :num]
         self.valid = torch.arange(num, device=global_mask.device) < count[:, None]
         self.mask = global_mask
+        self.flex_masks: dict = {}  # block masks with these global keys, shared by the layers (`flex_window_attend`)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D) -> (B, H, G, D) at the global positions."""
@@ -234,11 +257,14 @@ class SlidingWindowSelfAttention(nn.Module):
         reach = self.window if self.causal else self.window // 2
         return self.dilation == [1] * self.num_heads and reach >= length - 1
 
-    def _window_part(self, query, key, value, key_ok):
+    def _window_part(self, query, key, value, key_ok, glob: GlobalTokens | None = None):
         """Window attention of every head, grouped by dilation; key_ok (B, T) bool or None (every key may be
-        attended). Returns (out (B, H, T, D), lse (B, H, T))."""
+        attended). With ``glob`` (FlexAttention only), each query attends to the global keys too, in the same
+        softmax. Returns (out (B, H, T, D), lse (B, H, T))."""
         if flex_can_run(query, self.dropout):
             attend = flex_window_attend
+            if glob is not None:
+                attend = functools.partial(flex_window_attend, global_keys=glob.mask, masks=glob.flex_masks)
         else:
             attend = functools.partial(sliding_window_attend, dropout=self.dropout)
             if key_ok is None:
@@ -294,17 +320,26 @@ class SlidingWindowSelfAttention(nn.Module):
         queries every real key; real (B, T) bool, key_ok the same or None when there is no padding. Returns
         (B, H, T, D).
 
-        Global keys stay in the windows (so that without padding the window part needs no key mask, which made
-        its FlexAttention kernels several times slower); a query's global part takes only the global keys outside
-        its window.
+        FlexAttention path: each query's window and the global keys in one call (the global keys' blocks added to
+        the cached window's block mask). Readable path: global keys stay in the windows and a query's global part
+        takes only the global keys outside its window, combined by log-sum-exp. Either way each key counts once.
 
         Inside torch.compile this runs eagerly (a graph break; the number of global tokens is data anyway):
         compiled by inductor, its input gradients came out wrong on an H200 (torch 2.11) with FlexAttention and
         with the readable window part alike, and on CPU through `unfold` (see `_windows`)."""
-        b, t, _ = hidden_states.shape
+        positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+        if flex_can_run(query, self.dropout):  # the global keys join the windows' FlexAttention call
+            out, _ = self._window_part(query, key, value, key_ok, glob)
+        else:
+            out = self._window_and_global_keys(query, key, value, key_ok, glob, positions)
+        out = self._global_queries(hidden_states, query, out, real, glob, positions)
+        return out
+
+    def _window_and_global_keys(self, query, key, value, key_ok, glob: GlobalTokens, positions):
+        """The readable path's attention of every query over its window and the global keys (B, H, T, D): the
+        window part, and the global keys outside the window by `dense_attend`, combined by log-sum-exp."""
         out, lse = self._window_part(query, key, value, key_ok)
         # Every query also attends to the global keys outside its window (ordinary projections): (B, H, T, G).
-        positions = torch.arange(t, device=hidden_states.device)
         offset = glob.index[:, None, None, :] - positions[:, None]  # (B, 1, T, G): key position - query position
         dilation = self.dilation[0]  # one for every head: the mask stays (B, 1, T, G)
         if len(self.head_groups) > 1:
@@ -318,8 +353,12 @@ class SlidingWindowSelfAttention(nn.Module):
         # does not hold on to the keys and values too
         out_g, lse_g = dense_attend(query.contiguous(), glob.gather(key), glob.gather(value), allowed,
                                     1.0 / math.sqrt(query.shape[-1]), self.dropout)
-        out, _ = combine_softmax(out, lse, out_g, lse_g)
-        # Global queries attend to every real key with the global projections: (B, H, G, T) scores.
+        return combine_softmax(out, lse, out_g, lse_g)[0]
+
+    def _global_queries(self, hidden_states, query, out, real, glob: GlobalTokens, positions):
+        """``out`` (B, H, T, D) with the rows of the global tokens replaced: global queries attend to every real
+        key (every earlier one when causal) with the global projections, (B, H, G, T) scores."""
+        b = hidden_states.shape[0]
         g_hidden = hidden_states.gather(1, glob.index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
         # (B, H, G, D); explicit sizes because G may be 0
         g_query = self.query_global(g_hidden).view(b, g_hidden.shape[1], self.num_heads, query.shape[-1])
