@@ -105,27 +105,27 @@ def test_eager_block_masks_match_create_block_mask(monkeypatch, q_len, kv_len, b
     assert torch.equal(ours.full_q_num_blocks, theirs.full_q_num_blocks)
 
 
-@pytest.mark.parametrize("q_len, before, after", [(200, 17, 9), (256, 40, 0)])
-def test_key_columns_give_the_block_mask_of_the_band_or_those_keys(q_len, before, after):
-    """`with_key_columns` (from the band's cached layout, no mask evaluated) against create_block_mask of the
-    combined mask_mod: same blocks to compute, so the same kernel results. Each batch row has its own keys."""
+@pytest.mark.parametrize("q_len, before, after, per", [(200, 17, 9, 1), (256, 40, 0, 2)])
+def test_own_key_blocks_extend_the_band_with_one_set_per_query_block(q_len, before, after, per):
+    """`with_own_key_blocks` (from the band's layout, no mask evaluated) against create_block_mask of the same
+    mask_mod over the longer keys: same blocks to compute. Query block i gets key blocks n_kv + i * per on."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    band = _band(before, after, 1000)
-    keys = torch.zeros(2, q_len, dtype=torch.bool)
-    keys[0, [0, 3]] = True
-    keys[1, [70, q_len - 1]] = True
+    band, block = _band(before, after, 1000), 16
+    n_q = -(-q_len // block)
+    main, width = n_q * block, per * block
 
-    def band_or_key(b, h, q, k):
-        return band(b, h, q, k) | keys[b, k]
+    def band_or_own(b, h, q, k):  # a few keys of each query block's own copy (not all: partial blocks)
+        copy = k - main
+        return (band(b, h, q, k) & (k < q_len)) | ((copy >= 0) & (copy // width == q // block) & (copy % block < 3))
 
-    cached = flex.build_block_mask(band, None, None, q_len, q_len, "cpu", block_size=16, reach=(before, after))
+    cached = flex.build_block_mask(band, None, None, q_len, q_len, "cpu", block_size=block, reach=(before, after))
     partial, full = flex.block_layout(cached)
     for mine, torchs in zip((partial, full), _blocks(cached)):
         assert torch.equal(mine.int(), torchs.int())  # the layout round trip
-    ours = flex.with_key_columns(cached, keys, band_or_key)
-    theirs = create_block_mask(band_or_key, 2, None, q_len, q_len, "cpu", BLOCK_SIZE=16)
-    theirs_partial, theirs_full = flex.block_layout(theirs)
-    ours_partial, ours_full = flex.block_layout(ours)
-    assert torch.equal(ours_full, theirs_full) and torch.equal(ours_partial, theirs_partial)
-    assert ours.kv_num_blocks.shape[0] == 2
+    ours = flex.with_own_key_blocks(cached, per, band_or_own)
+    kv_len = main + n_q * width
+    assert ours.seq_lengths == (q_len, kv_len)
+    theirs = create_block_mask(band_or_own, None, None, q_len, kv_len, "cpu", BLOCK_SIZE=block)
+    for mine, torchs in zip(flex.block_layout(ours), flex.block_layout(theirs)):
+        assert torch.equal(mine, torchs)

@@ -224,16 +224,21 @@ def block_layout(block_mask) -> tuple[torch.Tensor, torch.Tensor]:
     return partial, marked(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
 
 
-def with_key_columns(block_mask, keys: torch.Tensor, mask_mod: Callable):
-    """``block_mask`` with every query block also computing the key blocks that hold a key marked in ``keys``
-    (B, kv_len) bool, as partial blocks under ``mask_mod`` (which must allow what ``block_mask`` allowed and
-    the marked keys it should add). For keys that every query may attend (global tokens), whose positions are
-    data: built per call from the cached mask's layout, in O(n_q * n_kv) block entries, no mask_mod evaluated."""
+def with_own_key_blocks(block_mask, per: int, mask_mod: Callable):
+    """``block_mask`` over (q_len, kv_len) with ``per`` more key blocks for each query block, its own: query block
+    i also computes key blocks n_kv + i * per to n_kv + (i + 1) * per - 1 (partial blocks, under ``mask_mod``,
+    which must also allow what ``block_mask`` allowed), after the n_kv blocks of the original keys (which need not
+    fill their last block). The keys become (n_kv + n_q * per) * block_size long.
+
+    For keys that every query attends (global tokens), copied once per query block. One shared block of them
+    would be used by every query block, and the backward pass runs one thread block per key block over the
+    query blocks that use it: that one walked all of them (at 64K tokens, longer than the rest of the
+    attention). With a copy per query block the work stays balanced, for 1 / block_size more keys per query."""
     partial, full = block_layout(block_mask)
+    b, h, n_q, n_kv = partial.shape
+    own = torch.eye(n_q, dtype=torch.bool, device=partial.device).repeat_interleave(per, dim=1)  # (n_q, n_q * per)
+    partial = torch.cat([partial, own.expand(b, h, -1, -1)], dim=-1)
+    full = torch.cat([full, torch.zeros_like(own).expand(b, h, -1, -1)], dim=-1)
     block_size = block_mask.BLOCK_SIZE[1]
-    q_len, kv_len = block_mask.seq_lengths
-    n_kv = partial.shape[-1]
-    columns = torch.nn.functional.pad(keys, (0, n_kv * block_size - keys.shape[1]))
-    columns = columns.view(keys.shape[0], n_kv, block_size).any(dim=-1)  # (B, n_kv)
-    partial = partial | (columns[:, None, None, :] & ~full)
-    return block_mask_from_layout(partial, full.expand_as(partial), mask_mod, q_len, kv_len, block_size)
+    return block_mask_from_layout(partial, full, mask_mod, block_mask.seq_lengths[0], (n_kv + n_q * per) * block_size,
+                                  block_size)

@@ -23,9 +23,10 @@ The number of global tokens G is the only size read from the data; without a glo
 skipped (that choice depends on whether a mask is passed, not on its values).
 
 Fast path (on CUDA by default, see `flex`): the window part runs through FlexAttention instead
-(`flex_window_attend`, same pairs and results), and the global keys join it: their key blocks are added to the
-cached window block mask once per forward pass (their positions are data), so each query's window and global keys
-are one softmax in one kernel, with no second part to combine. Global queries keep their dense (G, T) path."""
+(`flex_window_attend`, same pairs and results), and the global keys join it: each query block gets a copy of the
+global keys and values after the sequence, and its block mask adds that copy's block to the cached window's
+(once per forward pass, since the positions are data), so each query's window and global keys are one softmax in
+one kernel, with no second part to combine. Global queries keep their dense (G, T) path."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from torch import nn
 
 from ..cache import LayerStateCache
 from .dense import dense_attend, few_queries_attend, full_attend
-from .flex import cached_block_mask, flex_attention, flex_can_run, with_key_columns
+from .flex import cached_block_mask, flex_attention, flex_can_run, with_own_key_blocks
 from .masking import MASK_VALUE, merge_heads, split_heads
 from .projections import project
 
@@ -116,15 +117,16 @@ def sliding_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 
 def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, dilation: int,
-                       causal: bool, key_ok: torch.Tensor | None, global_keys: torch.Tensor | None = None,
-                       masks: dict | None = None):
+                       causal: bool, key_ok: torch.Tensor | None, glob: GlobalTokens | None = None):
     """`sliding_window_attend` through FlexAttention (no dropout): same arguments, pairs and results; ``key_ok``
     may also be None (every key real: no padding and no global tokens).
 
-    ``global_keys`` (B, T) bool: keys that every query also attends (when causal, every later query), in the
-    same softmax as its window; each key counts once. Their key blocks join every query block's blocks, as
-    partial blocks (`flex.with_key_columns`, built per call since the positions are data: ``masks``, a dict that
-    lives for one forward pass, keeps them for the other layers).
+    With ``glob``, every query also attends to the global keys (when causal, the earlier ones) in the same
+    softmax, each key once: those in its window through the window, the others through a copy of the G global
+    keys and values appended for its query block (`flex.with_own_key_blocks`: shared by all query blocks, the
+    global keys' block made the backward pass walk every query block in one thread block). The block mask is
+    built once per forward pass (the global positions are data) and kept in ``glob.flex_masks`` for the other
+    layers.
 
     The residue classes modulo d are laid end to end (position s * d + r goes to r * S + s), so each class is a
     plain band of its own and a dilated head costs what an undilated one does. That pattern depends only on the
@@ -162,26 +164,43 @@ def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         mask_mod, mask_key = band_of_real_keys, mask_key + (t,)
     block_mask = cached_block_mask(mask_key, mask_mod, None, None, d * s, d * s, query.device,
                                    reach=(before, after))
-    if global_keys is not None:
-        masks = {} if masks is None else masks
-        mask_key = mask_key + (d, causal, key_ok is None)
-        if mask_key not in masks:
-            is_global = class_major(nn.functional.pad(global_keys, (0, extra))[:, None, :, None])[:, 0, :, 0]
+    if glob is not None:
+        q_blocks = -(-(d * s) // GLOBAL_COPY_BLOCK)
+        main = q_blocks * GLOBAL_COPY_BLOCK  # the keys padded to whole blocks; the copies of the global keys follow
+        width = max(1, -(-glob.index.shape[1] // GLOBAL_COPY_BLOCK)) * GLOBAL_COPY_BLOCK  # one copy: G padded
+        k, v = (torch.cat([nn.functional.pad(x, (0, 0, 0, main - d * s)),
+                           nn.functional.pad(glob.gather(y), (0, 0, 0, width - glob.index.shape[1]))[:, :, None]
+                           .expand(-1, -1, q_blocks, -1, -1).reshape(b, h, q_blocks * width, d_head)], dim=2)
+                for x, y in ((k, key), (v, value)))  # (B, H, main + q_blocks * width, D)
+        if score_mod is not None:
+            ok = nn.functional.pad(ok, (0, k.shape[2] - d * s), value=True)  # global tokens are real keys
+        mask_key = mask_key + (d, causal, width)
+        if mask_key not in glob.flex_masks:
+            position = nn.functional.pad(glob.index, (0, width - glob.index.shape[1]))  # (B, width)
+            valid = nn.functional.pad(glob.valid, (0, width - glob.index.shape[1]), value=False)
             window_mask_mod = mask_mod
 
-            def mask_mod(b, h, q_idx, kv_idx):  # the window, or a global key (not later, when causal)
-                also = is_global[b, kv_idx]
-                if causal:  # compare the positions in the sequence, not in the class-major layout
-                    also = also & ((kv_idx % s) * d + kv_idx // s <= (q_idx % s) * d + q_idx // s)
+            def mask_mod(b, h, q_idx, kv_idx):  # the window, or a global key of the query block's own copy
+                copy = kv_idx - main
+                slot = torch.where(copy >= 0, copy, 0) % width
+                offset = position[b, slot] - ((q_idx % s) * d + q_idx // s)  # key - query, in the sequence
+                in_window = (offset % d == 0) & (offset >= -before * d) & (offset <= after * d)
+                also = (copy >= 0) & (copy // width == q_idx // GLOBAL_COPY_BLOCK) & valid[b, slot] & ~in_window
+                if causal:
+                    also = also & (offset <= 0)
                 return window_mask_mod(b, h, q_idx, kv_idx) | also
 
-            masks[mask_key] = with_key_columns(block_mask, is_global, mask_mod)
-        block_mask = masks[mask_key]
+            glob.flex_masks[mask_key] = with_own_key_blocks(block_mask, width // GLOBAL_COPY_BLOCK, mask_mod)
+        block_mask = glob.flex_masks[mask_key]
     out, lse = flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod, scale=1.0 / math.sqrt(d_head),
                               return_lse=True)
     out = _from_dilated(out.reshape(b, h, d, s, d_head))[:, :, :t]
     lse = _from_dilated(lse.reshape(b, h, d, s))[:, :, :t]
     return out, lse
+
+
+# Query block of the FlexAttention kernels (the block masks' block size): each gets its own copy of the global keys.
+GLOBAL_COPY_BLOCK = 128
 
 
 def combine_softmax(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
@@ -264,7 +283,7 @@ class SlidingWindowSelfAttention(nn.Module):
         if flex_can_run(query, self.dropout):
             attend = flex_window_attend
             if glob is not None:
-                attend = functools.partial(flex_window_attend, global_keys=glob.mask, masks=glob.flex_masks)
+                attend = functools.partial(flex_window_attend, glob=glob)
         else:
             attend = functools.partial(sliding_window_attend, dropout=self.dropout)
             if key_ok is None:
@@ -320,8 +339,7 @@ class SlidingWindowSelfAttention(nn.Module):
         queries every real key; real (B, T) bool, key_ok the same or None when there is no padding. Returns
         (B, H, T, D).
 
-        FlexAttention path: each query's window and the global keys in one call (the global keys' blocks added to
-        the cached window's block mask). Readable path: global keys stay in the windows and a query's global part
+        FlexAttention path: each query's window and the global keys in one call (`flex_window_attend`). Readable path: global keys stay in the windows and a query's global part
         takes only the global keys outside its window, combined by log-sum-exp. Either way each key counts once.
 
         Inside torch.compile this runs eagerly (a graph break; the number of global tokens is data anyway):
