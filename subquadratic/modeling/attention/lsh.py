@@ -27,9 +27,11 @@ from torch import nn
 from ..cache import LayerStateCache
 from ..recompute import remembered
 from .dense import dense_attend
-from .flex import cached_block_mask, flex_attention, flex_can_run
+from .flex import cached_block_mask, flex_attention, flex_can_run, use_fast_path
+from .hash_kernel import fused_buckets, kernel_available, round_to_tf32
 from .local import chunk_band, chunk_reach
 from .masking import MASK_VALUE, SELF_MASK_VALUE, merge_heads, split_heads
+from .permute import sort_rounds, unsort_rounds
 from .projections import project
 
 
@@ -54,20 +56,25 @@ def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: in
                  padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """vectors (B, H, T, D), rotations (R, D, rotation_width) -> buckets (B, H, R, T), int64.
 
-    Hashing runs in fp32 even under autocast, so the cached and full forward passes agree. Positions where
+    Hashing runs in fp32 even under autocast, on the vectors and rotations rounded to TF32 (products exact), so
+    the cached and full forward passes agree; on CUDA (fast paths on, see `flex`) it runs as one fused Triton
+    kernel that gives the same buckets (`hash_kernel`). Positions where
     ``padding_mask`` (B, T) is False go to the extra bucket ``total_buckets(num_buckets)``."""
     b, h, t, d = vectors.shape
     num_rounds, _, width = rotations.shape
     if total_buckets(num_buckets) == 1:
         buckets = vectors.new_zeros((b, h, num_rounds, t), dtype=torch.long)
+    elif kernel_available(vectors) and use_fast_path(vectors, flex=False):
+        with torch.no_grad():  # one Triton kernel, no rotated vectors stored (`hash_kernel`)
+            buckets = fused_buckets(vectors.detach(), rotations, num_buckets)
     else:
         # Every round in one product, (D, R * width), over one slice of the sequence at a time, without autograd
         # (buckets have no gradient): the rotated vectors of the whole sequence would dominate peak memory at long
         # lengths; slices keep them under HASH_CHUNK_ELEMENTS. Each position's bucket depends on it alone.
         step = max(1, HASH_CHUNK_ELEMENTS // (b * h * num_rounds * width))
         with torch.no_grad(), torch.autocast(device_type=vectors.device.type, enabled=False):
-            vectors = vectors.float()
-            all_rounds = rotations.float().permute(1, 0, 2).reshape(d, num_rounds * width)
+            vectors = round_to_tf32(vectors.float())  # the numbers the kernel multiplies (`hash_kernel`)
+            all_rounds = round_to_tf32(rotations.float()).permute(1, 0, 2).reshape(d, num_rounds * width)
             parts = [
                 _round_buckets((vectors[:, :, start:start + step] @ all_rounds).unflatten(-1, (num_rounds, width)),
                                num_buckets)
@@ -109,10 +116,10 @@ def lsh_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buck
     b, h, t, d = query.shape
     r, c = buckets.shape[2], chunk_length
     n = t // c
-    sorted_pos = _sort_order(buckets)  # (B, H, R, T): original position at each sorted slot
+    sorted_pos, slots = _sort_order(buckets)  # (B, H, R, T): position at each sorted slot, and its inverse
 
     def sort(x):  # (B, H, T, D) -> (B, H, R, n, C, D)
-        return _gather_rounds(x, sorted_pos).view(b, h, r, n, c, x.shape[-1])
+        return _gather_rounds(x, sorted_pos, slots).view(b, h, r, n, c, x.shape[-1])
 
     q, k, v = sort(query), _look_one_back(sort(key)), _look_one_back(sort(value))
     q_bucket = buckets.gather(-1, sorted_pos).view(b, h, r, n, c)
@@ -128,29 +135,30 @@ def lsh_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buck
         allowed = allowed & ((rank_q[:, :, None] - rank_k[:, None, :]) <= c)
     self_mask = (k_pos[..., None, :] == q_pos[..., :, None]) & in_window  # a single chunk wraps onto itself
     out, lse = dense_attend(q, k, v, allowed, 1.0 / math.sqrt(d), dropout, self_mask)  # (B,H,R,n,C,D), (B,H,R,n,C)
-    return _unsort_and_combine(out.view(b, h, r, t, -1), lse.view(b, h, r, t), sorted_pos)
+    return _unsort_and_combine(out.view(b, h, r, t, -1), lse.view(b, h, r, t), sorted_pos, slots)
 
 
-def _sort_order(buckets: torch.Tensor) -> torch.Tensor:
-    """buckets (B, H, R, T) -> the original position at each slot of the order sorted by (bucket, position)."""
+def _sort_order(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """buckets (B, H, R, T) -> (sorted_pos, slots), both (B, H, R, T): the original position at each slot of
+    the order sorted by (bucket, position), and its inverse, the slot of each original position."""
     t = buckets.shape[-1]
     # Sort keys are unique, so the order is stable by construction.
-    return (buckets * t + torch.arange(t, device=buckets.device)).argsort(dim=-1)
+    sorted_pos = (buckets * t + torch.arange(t, device=buckets.device)).argsort(dim=-1)
+    # the inverse permutation: a scatter, cheaper than sorting again
+    order = torch.arange(t, device=buckets.device).expand_as(sorted_pos)
+    return sorted_pos, torch.empty_like(sorted_pos).scatter_(-1, sorted_pos, order)
 
 
-def _gather_rounds(x: torch.Tensor, sorted_pos: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) -> (B, H, R * T, D): the sequence in each round's sorted order, rounds one after another."""
-    b, h, r, t = sorted_pos.shape
-    return x.gather(2, sorted_pos.reshape(b, h, r * t, 1).expand(-1, -1, -1, x.shape[-1]))
+def _gather_rounds(x: torch.Tensor, sorted_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) -> (B, H, R * T, D): the sequence in each round's sorted order, rounds one after another
+    (the backward gathers by ``slots``, with no atomics: `sort_rounds`)."""
+    return sort_rounds(x, sorted_pos, slots)
 
 
-def _unsort_and_combine(out: torch.Tensor, lse: torch.Tensor, sorted_pos: torch.Tensor) -> torch.Tensor:
+def _unsort_and_combine(out: torch.Tensor, lse: torch.Tensor, sorted_pos: torch.Tensor,
+                        slots: torch.Tensor) -> torch.Tensor:
     """out (B, H, R, T, D) and lse (B, H, R, T) in sorted order -> (B, H, T, D) in the original order."""
-    # the slot of each original position: the inverse permutation (a scatter, cheaper than sorting again)
-    order = torch.arange(sorted_pos.shape[-1], device=sorted_pos.device).expand_as(sorted_pos)
-    slots = torch.empty_like(sorted_pos).scatter_(-1, sorted_pos, order)
-    out = out.gather(3, slots[..., None].expand(-1, -1, -1, -1, out.shape[-1]))
-    return _combine_rounds(out, lse.gather(3, slots))
+    return _combine_rounds(unsort_rounds(out, sorted_pos, slots), lse.gather(3, slots))
 
 
 def _lsh_attend_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buckets: torch.Tensor,
@@ -167,8 +175,9 @@ def _lsh_attend_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     readable path's; gradients reach the round weights through them."""
     b, h, t, d = query.shape
     r, c = buckets.shape[2], chunk_length
-    sorted_pos = _sort_order(buckets)
-    q, k, v = (_gather_rounds(x, sorted_pos).view(b, h * r, t, x.shape[-1]) for x in (query, key, value))
+    sorted_pos, slots = _sort_order(buckets)
+    q, k, v = (_gather_rounds(x, sorted_pos, slots).view(b, h * r, t, x.shape[-1])
+               for x in (query, key, value))
     slot_bucket = buckets.gather(-1, sorted_pos).view(b, h * r, t).int()  # int32: half the reads of int64
 
     def score_mod(score, bi, hi, q_idx, kv_idx):
@@ -185,7 +194,7 @@ def _lsh_attend_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                                    reach=chunk_reach(c, 1, 0, causal))
     out, lse = flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod, scale=1.0 / math.sqrt(d),
                               return_lse=True)
-    return _unsort_and_combine(out.view(b, h, r, t, -1), lse.view(b, h, r, t), sorted_pos)
+    return _unsort_and_combine(out.view(b, h, r, t, -1), lse.view(b, h, r, t), sorted_pos, slots)
 
 
 def _combine_rounds(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
