@@ -265,6 +265,8 @@ LONG_COMBOS = [  # lengths crossing 128-token blocks, not multiples of the windo
     (6, [1, 2, 3, 1], True, 141, 100, [(0, 3), (1, 60), (1, 62)]),
     (8, [4, 1, 4, 2], False, 263, 200, ()),
     (10, [1, 3, 1, 3], True, 263, None, [(0, 130)]),
+    # 131 global tokens in a row: on the FlexAttention path each query block's copy of them spans two key blocks
+    (6, [1, 2, 1, 2], False, 263, 250, [(0, col) for col in range(0, 262, 2)] + [(1, 5)]),
     # no padding, no global tokens: no score_mod; 142 is not a multiple of 3, so the positions added to fill
     # the last residue class are masked by the block mask's mask_mod instead
     (6, [1, 2, 3, 1], True, 142, None, ()),

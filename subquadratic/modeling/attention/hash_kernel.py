@@ -72,6 +72,11 @@ if triton is not None:
         tl.store(out_ptr + (pid_bh * rounds + r) * length + offs_m, bucket.to(tl.int64), mask=offs_m < length)
 
 
+# Kernel configuration: positions per program, rotation columns per tile, warps (fixed ahead of time: no
+# autotuning at a user's first step).
+BLOCK_M, BLOCK_N, NUM_WARPS = 128, 64, 4
+
+
 def launch_buckets(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: int | list[int]) -> torch.Tensor:
     """The kernel itself: vectors (B, H, T, D) any float dtype and strides, rotations (R, D, rotation_width)
     -> buckets (B, H, R, T) int64, for buckets of size num_buckets (an even int or a factorised list)."""
@@ -80,14 +85,14 @@ def launch_buckets(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: 
     rotations = round_to_tf32(rotations.float()).contiguous()
     sizes = list(num_buckets) if isinstance(num_buckets, (list, tuple)) else [num_buckets]
     buckets, stride, start = None, 1, 0
-    block_m, block_d = 128, max(16, triton.next_power_of_2(d))
+    block_m, block_d = BLOCK_M, max(16, triton.next_power_of_2(d))
     for size in sizes:  # factorised buckets: b1-bucket + b1 * b2-bucket (as `lsh._round_buckets`)
         half = size // 2
         part = torch.empty(b, h, rounds, t, dtype=torch.long, device=vectors.device)
-        block_n = min(64, max(16, triton.next_power_of_2(half)))
+        block_n = min(BLOCK_N, max(16, triton.next_power_of_2(half)))
         grid = (b * h, triton.cdiv(t, block_m), rounds)
         _buckets_kernel[grid](vectors, rotations, part, h, t, rounds, *vectors.stride(), width, start, half,
-                              D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4)
+                              D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
         buckets = part if buckets is None else buckets + stride * part
         stride, start = stride * size, start + half
     return buckets
