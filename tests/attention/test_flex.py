@@ -103,29 +103,3 @@ def test_eager_block_masks_match_create_block_mask(monkeypatch, q_len, kv_len, b
     assert ours.seq_lengths == (q_len, kv_len)
     assert torch.equal(ours.q_num_blocks, theirs.q_num_blocks)  # the transposed (backward) side too
     assert torch.equal(ours.full_q_num_blocks, theirs.full_q_num_blocks)
-
-
-@pytest.mark.parametrize("q_len, before, after, per", [(200, 17, 9, 1), (256, 40, 0, 2)])
-def test_own_key_blocks_extend_the_band_with_one_set_per_query_block(q_len, before, after, per):
-    """`with_own_key_blocks` (from the band's layout, no mask evaluated) against create_block_mask of the same
-    mask_mod over the longer keys: same blocks to compute. Query block i gets key blocks n_kv + i * per on."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    band, block = _band(before, after, 1000), 16
-    n_q = -(-q_len // block)
-    main, width = n_q * block, per * block
-
-    def band_or_own(b, h, q, k):  # a few keys of each query block's own copy (not all: partial blocks)
-        copy = k - main
-        return (band(b, h, q, k) & (k < q_len)) | ((copy >= 0) & (copy // width == q // block) & (copy % block < 3))
-
-    cached = flex.build_block_mask(band, None, None, q_len, q_len, "cpu", block_size=block, reach=(before, after))
-    partial, full = flex.block_layout(cached)
-    for mine, torchs in zip((partial, full), _blocks(cached)):
-        assert torch.equal(mine.int(), torchs.int())  # the layout round trip
-    ours = flex.with_own_key_blocks(cached, per, band_or_own)
-    kv_len = main + n_q * width
-    assert ours.seq_lengths == (q_len, kv_len)
-    theirs = create_block_mask(band_or_own, None, None, q_len, kv_len, "cpu", BLOCK_SIZE=block)
-    for mine, torchs in zip(flex.block_layout(ours), flex.block_layout(theirs)):
-        assert torch.equal(mine, torchs)

@@ -193,52 +193,9 @@ def build_block_mask(mask_mod: Callable, batch: int | None, heads: int | None, q
         full[:, :, q_block:q_end, k_block:k_end] = count == block_size * block_size
         partial[:, :, q_block:q_end, k_block:k_end] = (count > 0) & (count < block_size * block_size)
 
-    return block_mask_from_layout(partial, full, mask_mod, q_len, kv_len, block_size)
-
-
-def block_mask_from_layout(partial: torch.Tensor, full: torch.Tensor, mask_mod: Callable, q_len: int, kv_len: int,
-                           block_size: int = 128):
-    """A `BlockMask` from its layout: partial and full (B, H, n_q, n_kv) bool, disjoint, marking the key blocks
-    each query block computes with ``mask_mod`` applied (partial) or without it (full)."""
-
-    def ordered(blocks):  # -> counts, then the marked block indices first (in order)
+    def ordered(blocks):  # (B, H, n_q, n_kv) bool -> counts, then the marked block indices first (in order)
         counts = blocks.sum(dim=-1, dtype=torch.int32)
         return counts, torch.argsort(blocks.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
 
     return _flex_module.BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size,
                                                  mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
-
-
-def block_layout(block_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of `block_mask_from_layout`: (partial, full) (B, H, n_q, n_kv) bool of a `BlockMask`."""
-
-    def marked(counts, indices):
-        n_kv = indices.shape[-1]
-        keep = (torch.arange(n_kv, device=indices.device) < counts[..., None]).to(torch.int8)
-        dense = torch.zeros_like(keep)  # amax: an index repeated past the count cannot unmark a block
-        return dense.scatter_reduce_(-1, indices.long(), keep, reduce="amax").bool()
-
-    partial = marked(block_mask.kv_num_blocks, block_mask.kv_indices)
-    if block_mask.full_kv_num_blocks is None:
-        return partial, torch.zeros_like(partial)
-    return partial, marked(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
-
-
-def with_own_key_blocks(block_mask, per: int, mask_mod: Callable):
-    """``block_mask`` over (q_len, kv_len) with ``per`` more key blocks for each query block, its own: query block
-    i also computes key blocks n_kv + i * per to n_kv + (i + 1) * per - 1 (partial blocks, under ``mask_mod``,
-    which must also allow what ``block_mask`` allowed), after the n_kv blocks of the original keys (which need not
-    fill their last block). The keys become (n_kv + n_q * per) * block_size long.
-
-    For keys that every query attends (global tokens), copied once per query block. One shared block of them
-    would be used by every query block, and the backward pass runs one thread block per key block over the
-    query blocks that use it: that one walked all of them (at 64K tokens, longer than the rest of the
-    attention). With a copy per query block the work stays balanced, for 1 / block_size more keys per query."""
-    partial, full = block_layout(block_mask)
-    b, h, n_q, n_kv = partial.shape
-    own = torch.eye(n_q, dtype=torch.bool, device=partial.device).repeat_interleave(per, dim=1)  # (n_q, n_q * per)
-    partial = torch.cat([partial, own.expand(b, h, -1, -1)], dim=-1)
-    full = torch.cat([full, torch.zeros_like(own).expand(b, h, -1, -1)], dim=-1)
-    block_size = block_mask.BLOCK_SIZE[1]
-    return block_mask_from_layout(partial, full, mask_mod, block_mask.seq_lengths[0], (n_kv + n_q * per) * block_size,
-                                  block_size)

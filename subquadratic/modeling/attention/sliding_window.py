@@ -23,10 +23,8 @@ The number of global tokens G is the only size read from the data; without a glo
 skipped (that choice depends on whether a mask is passed, not on its values).
 
 Fast path (on CUDA by default, see `flex`): the window part runs through FlexAttention instead
-(`flex_window_attend`, same pairs and results), and the global keys join it: each query block gets a copy of the
-global keys and values after the sequence, and its block mask adds that copy's block to the cached window's
-(once per forward pass, since the positions are data), so each query's window and global keys are one softmax in
-one kernel, with no second part to combine. Global queries keep their dense (G, T) path."""
+(`flex_window_attend`, same pairs and results); the global parts stay as they are (G keys or G queries per row are
+few, and their positions are data, which a cached block mask cannot hold)."""
 
 from __future__ import annotations
 
@@ -38,7 +36,7 @@ from torch import nn
 
 from ..cache import LayerStateCache
 from .dense import dense_attend, few_queries_attend, full_attend
-from .flex import cached_block_mask, flex_attention, flex_can_run, with_own_key_blocks
+from .flex import cached_block_mask, flex_attention, flex_can_run
 from .masking import MASK_VALUE, merge_heads, split_heads
 from .projections import project
 
@@ -117,16 +115,9 @@ def sliding_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
 
 def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: int, dilation: int,
-                       causal: bool, key_ok: torch.Tensor | None, glob: GlobalTokens | None = None):
+                       causal: bool, key_ok: torch.Tensor | None):
     """`sliding_window_attend` through FlexAttention (no dropout): same arguments, pairs and results; ``key_ok``
     may also be None (every key real: no padding and no global tokens).
-
-    With ``glob``, every query also attends to the global keys (when causal, the earlier ones) in the same
-    softmax, each key once: those in its window through the window, the others through a copy of the G global
-    keys and values appended for its query block (`flex.with_own_key_blocks`: shared by all query blocks, the
-    global keys' block made the backward pass walk every query block in one thread block). The block mask is
-    built once per forward pass (the global positions are data) and kept in ``glob.flex_masks`` for the other
-    layers.
 
     The residue classes modulo d are laid end to end (position s * d + r goes to r * S + s), so each class is a
     plain band of its own and a dilated head costs what an undilated one does. That pattern depends only on the
@@ -164,43 +155,11 @@ def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         mask_mod, mask_key = band_of_real_keys, mask_key + (t,)
     block_mask = cached_block_mask(mask_key, mask_mod, None, None, d * s, d * s, query.device,
                                    reach=(before, after))
-    if glob is not None:
-        q_blocks = -(-(d * s) // GLOBAL_COPY_BLOCK)
-        main = q_blocks * GLOBAL_COPY_BLOCK  # the keys padded to whole blocks; the copies of the global keys follow
-        width = max(1, -(-glob.index.shape[1] // GLOBAL_COPY_BLOCK)) * GLOBAL_COPY_BLOCK  # one copy: G padded
-        k, v = (torch.cat([nn.functional.pad(x, (0, 0, 0, main - d * s)),
-                           nn.functional.pad(glob.gather(y), (0, 0, 0, width - glob.index.shape[1]))[:, :, None]
-                           .expand(-1, -1, q_blocks, -1, -1).reshape(b, h, q_blocks * width, d_head)], dim=2)
-                for x, y in ((k, key), (v, value)))  # (B, H, main + q_blocks * width, D)
-        if score_mod is not None:
-            ok = nn.functional.pad(ok, (0, k.shape[2] - d * s), value=True)  # global tokens are real keys
-        mask_key = mask_key + (d, causal, width)
-        if mask_key not in glob.flex_masks:
-            position = nn.functional.pad(glob.index, (0, width - glob.index.shape[1]))  # (B, width)
-            valid = nn.functional.pad(glob.valid, (0, width - glob.index.shape[1]), value=False)
-            window_mask_mod = mask_mod
-
-            def mask_mod(b, h, q_idx, kv_idx):  # the window, or a global key of the query block's own copy
-                copy = kv_idx - main
-                slot = torch.where(copy >= 0, copy, 0) % width
-                offset = position[b, slot] - ((q_idx % s) * d + q_idx // s)  # key - query, in the sequence
-                in_window = (offset % d == 0) & (offset >= -before * d) & (offset <= after * d)
-                also = (copy >= 0) & (copy // width == q_idx // GLOBAL_COPY_BLOCK) & valid[b, slot] & ~in_window
-                if causal:
-                    also = also & (offset <= 0)
-                return window_mask_mod(b, h, q_idx, kv_idx) | also
-
-            glob.flex_masks[mask_key] = with_own_key_blocks(block_mask, width // GLOBAL_COPY_BLOCK, mask_mod)
-        block_mask = glob.flex_masks[mask_key]
     out, lse = flex_attention(q, k, v, block_mask=block_mask, score_mod=score_mod, scale=1.0 / math.sqrt(d_head),
                               return_lse=True)
     out = _from_dilated(out.reshape(b, h, d, s, d_head))[:, :, :t]
     lse = _from_dilated(lse.reshape(b, h, d, s))[:, :, :t]
     return out, lse
-
-
-# Query block of the FlexAttention kernels (the block masks' block size): each gets its own copy of the global keys.
-GLOBAL_COPY_BLOCK = 128
 
 
 def combine_softmax(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
@@ -224,7 +183,6 @@ class GlobalTokens:
         self.index = torch.argsort((~global_mask).to(torch.int8), dim=1, stable=True)[:, :num]
         self.valid = torch.arange(num, device=global_mask.device) < count[:, None]
         self.mask = global_mask
-        self.flex_masks: dict = {}  # block masks with these global keys, shared by the layers (`flex_window_attend`)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D) -> (B, H, G, D) at the global positions."""
@@ -276,14 +234,11 @@ class SlidingWindowSelfAttention(nn.Module):
         reach = self.window if self.causal else self.window // 2
         return self.dilation == [1] * self.num_heads and reach >= length - 1
 
-    def _window_part(self, query, key, value, key_ok, glob: GlobalTokens | None = None):
+    def _window_part(self, query, key, value, key_ok):
         """Window attention of every head, grouped by dilation; key_ok (B, T) bool or None (every key may be
-        attended). With ``glob`` (FlexAttention only), each query attends to the global keys too, in the same
-        softmax. Returns (out (B, H, T, D), lse (B, H, T))."""
+        attended). Returns (out (B, H, T, D), lse (B, H, T))."""
         if flex_can_run(query, self.dropout):
             attend = flex_window_attend
-            if glob is not None:
-                attend = functools.partial(flex_window_attend, glob=glob)
         else:
             attend = functools.partial(sliding_window_attend, dropout=self.dropout)
             if key_ok is None:
@@ -339,25 +294,17 @@ class SlidingWindowSelfAttention(nn.Module):
         queries every real key; real (B, T) bool, key_ok the same or None when there is no padding. Returns
         (B, H, T, D).
 
-        FlexAttention path: each query's window and the global keys in one call (`flex_window_attend`). Readable path: global keys stay in the windows and a query's global part
-        takes only the global keys outside its window, combined by log-sum-exp. Either way each key counts once.
+        Global keys stay in the windows (so that without padding the window part needs no key mask, which made
+        its FlexAttention kernels several times slower); a query's global part takes only the global keys outside
+        its window.
 
         Inside torch.compile this runs eagerly (a graph break; the number of global tokens is data anyway):
         compiled by inductor, its input gradients came out wrong on an H200 (torch 2.11) with FlexAttention and
         with the readable window part alike, and on CPU through `unfold` (see `_windows`)."""
-        positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
-        if flex_can_run(query, self.dropout):  # the global keys join the windows' FlexAttention call
-            out, _ = self._window_part(query, key, value, key_ok, glob)
-        else:
-            out = self._window_and_global_keys(query, key, value, key_ok, glob, positions)
-        out = self._global_queries(hidden_states, query, out, real, glob, positions)
-        return out
-
-    def _window_and_global_keys(self, query, key, value, key_ok, glob: GlobalTokens, positions):
-        """The readable path's attention of every query over its window and the global keys (B, H, T, D): the
-        window part, and the global keys outside the window by `dense_attend`, combined by log-sum-exp."""
+        b, t, _ = hidden_states.shape
         out, lse = self._window_part(query, key, value, key_ok)
         # Every query also attends to the global keys outside its window (ordinary projections): (B, H, T, G).
+        positions = torch.arange(t, device=hidden_states.device)
         offset = glob.index[:, None, None, :] - positions[:, None]  # (B, 1, T, G): key position - query position
         dilation = self.dilation[0]  # one for every head: the mask stays (B, 1, T, G)
         if len(self.head_groups) > 1:
@@ -371,12 +318,8 @@ class SlidingWindowSelfAttention(nn.Module):
         # does not hold on to the keys and values too
         out_g, lse_g = dense_attend(query.contiguous(), glob.gather(key), glob.gather(value), allowed,
                                     1.0 / math.sqrt(query.shape[-1]), self.dropout)
-        return combine_softmax(out, lse, out_g, lse_g)[0]
-
-    def _global_queries(self, hidden_states, query, out, real, glob: GlobalTokens, positions):
-        """``out`` (B, H, T, D) with the rows of the global tokens replaced: global queries attend to every real
-        key (every earlier one when causal) with the global projections, (B, H, G, T) scores."""
-        b = hidden_states.shape[0]
+        out, _ = combine_softmax(out, lse, out_g, lse_g)
+        # Global queries attend to every real key with the global projections: (B, H, G, T) scores.
         g_hidden = hidden_states.gather(1, glob.index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
         # (B, H, G, D); explicit sizes because G may be 0
         g_query = self.query_global(g_hidden).view(b, g_hidden.shape[1], self.num_heads, query.shape[-1])
