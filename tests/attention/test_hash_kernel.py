@@ -59,6 +59,8 @@ def test_tf32_rounding_is_nearest_keeps_bf16_and_is_idempotent():
     assert torch.equal(round_to_tf32(bf16), bf16)
     assert torch.equal(round_to_tf32(torch.tensor([1 + 2.0 ** -11, -(1 + 2.0 ** -11)])),
                        torch.tensor([1 + 2.0 ** -10, -(1 + 2.0 ** -10)]))  # ties away from zero
+    with pytest.raises(ValueError, match="float32"):  # other dtypes' bits would be read as fp32
+        round_to_tf32(x.double())
 
 
 @needs_kernel

@@ -90,7 +90,9 @@ def full_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
 
 
-# Queries per batch entry in `few_keys_attend` (at most; fewer where the length has no such divisor).
+# Queries per batch entry in `few_keys_attend`, at least: the length is halved while the halves keep this many
+# (so between QUERY_BLOCK and twice it when the length has enough factors of two; a length with none, an odd one,
+# is not cut).
 QUERY_BLOCK = 2048
 
 

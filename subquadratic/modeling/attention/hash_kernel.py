@@ -20,6 +20,8 @@ opaque call (its shape function gives the output's shape without running it).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -45,6 +47,7 @@ if triton is not None:
         b, h = pid_bh // heads, pid_bh % heads
         offs_m = pid_t * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
+        b, h, offs_m = b.to(tl.int64), h.to(tl.int64), offs_m.to(tl.int64)  # offsets past 2^31 elements
         x = tl.load(x_ptr + b * stride_b + h * stride_h + offs_m[:, None] * stride_t + offs_d[None, :] * stride_d,
                     mask=(offs_m[:, None] < length) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
         bits = x.to(tl.int32, bitcast=True)  # to TF32, nearest, ties away from zero (as `round_to_tf32`)
@@ -69,7 +72,8 @@ if triton is not None:
             best_min = tl.where(better_min, tile_min, best_min)
         # argmax over [x, -x]: in x when max(x) >= max(-x), else half + argmin(x)  (as `lsh._round_buckets`)
         bucket = tl.where(best_max >= -best_min, arg_max, arg_min + half)
-        tl.store(out_ptr + (pid_bh * rounds + r) * length + offs_m, bucket.to(tl.int64), mask=offs_m < length)
+        tl.store(out_ptr + (pid_bh.to(tl.int64) * rounds + r) * length + offs_m, bucket.to(tl.int64),
+                 mask=offs_m < length)
 
 
 # Kernel configuration: positions per program, rotation columns per tile, warps (fixed ahead of time: no
@@ -91,15 +95,20 @@ def launch_buckets(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: 
         part = torch.empty(b, h, rounds, t, dtype=torch.long, device=vectors.device)
         block_n = min(BLOCK_N, max(16, triton.next_power_of_2(half)))
         grid = (b * h, triton.cdiv(t, block_m), rounds)
-        _buckets_kernel[grid](vectors, rotations, part, h, t, rounds, *vectors.stride(), width, start, half,
-                              D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+        # Triton launches on the current device (CPU tensors: Triton's interpreter, for tests)
+        with torch.cuda.device(vectors.device) if vectors.is_cuda else contextlib.nullcontext():
+            _buckets_kernel[grid](vectors, rotations, part, h, t, rounds, *vectors.stride(), width, start, half,
+                                  D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
         buckets = part if buckets is None else buckets + stride * part
         stride, start = stride * size, start + half
     return buckets
 
 
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:
-    """fp32 -> the nearest number with TF32's 10-bit mantissa (ties away from zero), still fp32."""
+    """fp32 -> the nearest number with TF32's 10-bit mantissa (ties away from zero), still fp32. (Finite inputs:
+    NaN payloads and numbers within half a unit of the largest float do not survive; hashing never sees them.)"""
+    if x.dtype != torch.float32:
+        raise ValueError(f"round_to_tf32 takes float32 tensors, got {x.dtype}")
     bits = x.contiguous().view(torch.int32)
     return ((bits + 0x1000) & -0x2000).view(torch.float32)
 

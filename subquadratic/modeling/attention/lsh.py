@@ -73,11 +73,12 @@ def hash_vectors(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: in
         # lengths; slices keep them under HASH_CHUNK_ELEMENTS. Each position's bucket depends on it alone.
         step = max(1, HASH_CHUNK_ELEMENTS // (b * h * num_rounds * width))
         with torch.no_grad(), torch.autocast(device_type=vectors.device.type, enabled=False):
-            vectors = round_to_tf32(vectors.float())  # the numbers the kernel multiplies (`hash_kernel`)
+            # the numbers the kernel multiplies, rounded to TF32 slice by slice (`hash_kernel`)
+            vectors = vectors.float()
             all_rounds = round_to_tf32(rotations.float()).permute(1, 0, 2).reshape(d, num_rounds * width)
             parts = [
-                _round_buckets((vectors[:, :, start:start + step] @ all_rounds).unflatten(-1, (num_rounds, width)),
-                               num_buckets)
+                _round_buckets((round_to_tf32(vectors[:, :, start:start + step]) @ all_rounds)
+                               .unflatten(-1, (num_rounds, width)), num_buckets)
                 for start in range(0, t, step)]  # (B, H, slice, R) each
             buckets = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).transpose(2, 3).contiguous()
     if padding_mask is not None:

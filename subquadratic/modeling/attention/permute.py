@@ -48,10 +48,13 @@ class _SortRounds(torch.autograd.Function):
     half-precision gradients in fp32, or for two rounds by one add, which rounds once as well)."""
 
     @staticmethod
-    def forward(ctx, x, sorted_pos, slots):
+    def forward(x, sorted_pos, slots):
         b, h, r, t = sorted_pos.shape
-        ctx.save_for_backward(slots)
         return _gather_rows(x, sorted_pos.reshape(b, h, r * t))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # separate from forward: what torch.func's transforms need
+        ctx.save_for_backward(inputs[2])
 
     @staticmethod
     def backward(ctx, grad):
@@ -70,9 +73,12 @@ class _UnsortRounds(torch.autograd.Function):
     gradient taken to the sorted order by ``sorted_pos``."""
 
     @staticmethod
-    def forward(ctx, y, sorted_pos, slots):
-        ctx.save_for_backward(sorted_pos)
+    def forward(y, sorted_pos, slots):
         return _gather_rows(y, slots)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad):
