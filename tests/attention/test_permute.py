@@ -103,6 +103,15 @@ def test_gradcheck(r):
     assert torch.autograd.gradgradcheck(lambda x: sort_rounds(x, sorted_pos, slots), (x,))
 
 
+def test_torch_func_grad_equals_the_gather_gradient():
+    sorted_pos, slots = _orders(3, seed=4)
+    x = torch.randn(B, H, T, D, dtype=torch.float64)
+    w = torch.randn(B, H, 3 * T, D, dtype=torch.float64)
+    got = torch.func.grad(lambda x: (sort_rounds(x, sorted_pos, slots) * w).sum())(x)
+    expected = torch.func.grad(lambda x: (gather_sort(x, sorted_pos) * w).sum())(x)
+    torch.testing.assert_close(got, expected)
+
+
 def test_without_grad_and_under_autocast():
     sorted_pos, slots = _orders(3)
     x = _layouts(torch.float32)["fused_heads"]

@@ -120,7 +120,7 @@ def lsh_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buck
     sorted_pos, slots = _sort_order(buckets)  # (B, H, R, T): position at each sorted slot, and its inverse
 
     def sort(x):  # (B, H, T, D) -> (B, H, R, n, C, D)
-        return _gather_rounds(x, sorted_pos, slots).view(b, h, r, n, c, x.shape[-1])
+        return sort_rounds(x, sorted_pos, slots).view(b, h, r, n, c, x.shape[-1])
 
     q, k, v = sort(query), _look_one_back(sort(key)), _look_one_back(sort(value))
     q_bucket = buckets.gather(-1, sorted_pos).view(b, h, r, n, c)
@@ -150,12 +150,6 @@ def _sort_order(buckets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sorted_pos, torch.empty_like(sorted_pos).scatter_(-1, sorted_pos, order)
 
 
-def _gather_rounds(x: torch.Tensor, sorted_pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) -> (B, H, R * T, D): the sequence in each round's sorted order, rounds one after another
-    (the backward gathers by ``slots``, with no atomics: `sort_rounds`)."""
-    return sort_rounds(x, sorted_pos, slots)
-
-
 def _unsort_and_combine(out: torch.Tensor, lse: torch.Tensor, sorted_pos: torch.Tensor,
                         slots: torch.Tensor) -> torch.Tensor:
     """out (B, H, R, T, D) and lse (B, H, R, T) in sorted order -> (B, H, T, D) in the original order."""
@@ -177,7 +171,7 @@ def _lsh_attend_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     b, h, t, d = query.shape
     r, c = buckets.shape[2], chunk_length
     sorted_pos, slots = _sort_order(buckets)
-    q, k, v = (_gather_rounds(x, sorted_pos, slots).view(b, h * r, t, x.shape[-1])
+    q, k, v = (sort_rounds(x, sorted_pos, slots).view(b, h * r, t, x.shape[-1])
                for x in (query, key, value))
     slot_bucket = buckets.gather(-1, sorted_pos).view(b, h * r, t).int()  # int32: half the reads of int64
 
