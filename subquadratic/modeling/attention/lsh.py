@@ -14,7 +14,9 @@ they never share a chunk slot with real tokens and the amount of padding cannot 
 
 Within each round this is local attention over the sorted sequence, so where `flex.use_fast_path` says so (CUDA by
 default) it runs through FlexAttention: the rounds become extra heads, the static chunk band is a cached block mask,
-and what depends on the hashes (same bucket, original positions) is applied by a score_mod.
+and what depends on the hashes (same bucket, original positions) is applied by a score_mod. There, too, the hash
+is one Triton kernel (`hash_kernel`), and the rows move to the sorted order and back by gathers whose backward is
+the inverse gather (`permute`).
 """
 
 from __future__ import annotations
