@@ -31,6 +31,11 @@ except ImportError:  # pragma: no cover - CPU-only installs have no Triton; the 
     triton = None
 
 
+def bucket_sizes(num_buckets: int | list[int]) -> list[int]:
+    """num_buckets as the list of its factors: an int n is [n]; factorised buckets [b1, b2] stay as they are."""
+    return list(num_buckets) if isinstance(num_buckets, (list, tuple)) else [num_buckets]
+
+
 def kernel_available(vectors: torch.Tensor) -> bool:
     """Whether the fused hash can run on ``vectors`` (CUDA tensors with Triton installed)."""
     return triton is not None and vectors.is_cuda
@@ -87,7 +92,7 @@ def launch_buckets(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: 
     b, h, t, d = vectors.shape
     rounds, _, width = rotations.shape
     rotations = round_to_tf32(rotations.float()).contiguous()
-    sizes = list(num_buckets) if isinstance(num_buckets, (list, tuple)) else [num_buckets]
+    sizes = bucket_sizes(num_buckets)
     buckets, stride, start = None, 1, 0
     block_m, block_d = BLOCK_M, max(16, triton.next_power_of_2(d))
     for size in sizes:  # factorised buckets: b1-bucket + b1 * b2-bucket (as `lsh._round_buckets`)
@@ -127,5 +132,5 @@ if triton is not None:
 
 def fused_buckets(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: int | list[int]) -> torch.Tensor:
     """`launch_buckets` as the custom op (opaque to torch.compile). CUDA only: see `kernel_available`."""
-    sizes = list(num_buckets) if isinstance(num_buckets, (list, tuple)) else [num_buckets]
+    sizes = bucket_sizes(num_buckets)
     return _lsh_buckets(vectors, rotations, sizes)

@@ -30,7 +30,7 @@ from ..cache import LayerStateCache
 from ..recompute import remembered
 from .dense import dense_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run, use_fast_path
-from .hash_kernel import fused_buckets, kernel_available, round_to_tf32
+from .hash_kernel import bucket_sizes, fused_buckets, kernel_available, round_to_tf32
 from .local import chunk_band, chunk_reach
 from .masking import MASK_VALUE, SELF_MASK_VALUE, merge_heads, split_heads
 from .permute import sort_rounds, unsort_rounds
@@ -39,13 +39,11 @@ from .projections import project
 
 def rotation_width(num_buckets: int | list[int]) -> int:
     """Columns of the random rotation one hashing round needs."""
-    if isinstance(num_buckets, (list, tuple)):
-        return sum(b // 2 for b in num_buckets)
-    return num_buckets // 2
+    return sum(size // 2 for size in bucket_sizes(num_buckets))
 
 
 def total_buckets(num_buckets: int | list[int]) -> int:
-    return math.prod(num_buckets) if isinstance(num_buckets, (list, tuple)) else num_buckets
+    return math.prod(bucket_sizes(num_buckets))
 
 
 # Rotated vectors held at once while hashing (fp32 elements: 512 MiB). With num_buckets growing with the length
@@ -94,7 +92,7 @@ def _round_buckets(rotated: torch.Tensor, num_buckets: int | list[int]) -> torch
 
     A bucket of size s is argmax over [x, -x] of the s/2 rotated coordinates x (Reformer, section 2), computed
     without forming [x, -x]: the first maximum is in x when max(x) >= max(-x), else at s/2 + argmin(x)."""
-    sizes = list(num_buckets) if isinstance(num_buckets, (list, tuple)) else [num_buckets]
+    sizes = bucket_sizes(num_buckets)
     buckets, stride, start = 0, 1, 0
     for size in sizes:  # factorised buckets: b1-bucket + b1 * b2-bucket
         part = rotated[..., start:start + size // 2]
