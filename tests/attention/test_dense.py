@@ -1,5 +1,6 @@
 """`few_queries_attend` (the key axis in chunks) against `dense_attend` (one product over it), and
-`few_keys_attend` (the query axis in batch entries) against `full_attend` (one call)."""
+`few_keys_attend` / `few_keys_dense_attend` (the query axis in blocks) against `full_attend` / `dense_attend`
+(one call)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from subquadratic.modeling.attention.dense import (
     dense_attend,
     few_keys_attend,
+    few_keys_dense_attend,
     few_queries_attend,
     full_attend,
 )
@@ -53,5 +55,24 @@ def test_query_blocks_give_the_one_call_result_and_gradients(t, block, masked):
         out = attend(split_heads(query, h), key, value, key_ok)
         grads = torch.autograd.grad((out * weight).sum(), [query, key, value])
         results.append([out, *grads])
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t,block", [(64, 8), (48, 8), (7, 2)])  # 8 blocks, 4 (48 = 16 * 3), none
+@pytest.mark.parametrize("mask_heads", [1, 3])  # one mask for all heads, or one per head
+def test_query_blocks_give_the_dense_result_gradients_and_lse(t, block, mask_heads):
+    torch.manual_seed(0)
+    b, h, k, d = 2, 3, 5, 8
+    query = torch.randn(b, t, h * d, requires_grad=True)
+    key, value = (torch.randn(b, h, k, d, requires_grad=True) for _ in range(2))
+    allowed = torch.rand(b, mask_heads, t, k) < 0.6
+    allowed[..., 0] = True
+    weight, lse_weight = torch.randn(b, h, t, d), torch.randn(b, h, t)
+    results = []
+    for attend in (dense_attend, lambda *args: few_keys_dense_attend(*args, block=block)):
+        out, lse = attend(split_heads(query, h), key, value, allowed, 0.3)
+        grads = torch.autograd.grad((out * weight).sum() + (lse * lse_weight).sum(), [query, key, value])
+        results.append([out, lse, *grads])
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -12,7 +12,12 @@ from subquadratic.modeling.attention import dense as dense_module
 from subquadratic.modeling.attention import sliding_window as sliding_window_module
 from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.attention.masking import merge_heads, split_heads
-from subquadratic.modeling.attention.sliding_window import SlidingWindowSelfAttention, _windows
+from subquadratic.modeling.attention.sliding_window import (
+    SlidingWindowSelfAttention,
+    _windows,
+    combine_softmax,
+    put_rows,
+)
 from subquadratic.modeling.cache import LayerStateCache
 from tests.attention.fast_path_checks import (
     assert_dropout_and_cpu_backward_stay_readable,
@@ -133,15 +138,18 @@ def test_empty_global_mask_equals_no_global_mask_with_gradients():
     torch.testing.assert_close(grad_a, grad_b)
 
 
-@pytest.mark.parametrize("key_chunk", [None, 4])
+@pytest.mark.parametrize("key_chunk,query_block", [(None, None), (4, None), (None, 4)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradients_match_brute_force(key_chunk, causal, monkeypatch):
+def test_gradients_match_brute_force(key_chunk, query_block, causal, monkeypatch):
     """``key_chunk`` 4: global queries attend to the sequence in chunks of 4 keys (`few_queries_attend`, which
-    sequences of the default sizes reach only past 2048 tokens)."""
+    sequences of the default sizes reach only past 2048 tokens). ``query_block`` 4: every query attends to the
+    global keys in blocks of 4 queries (`few_keys_dense_attend`, past 4096 tokens by default)."""
     if key_chunk:
         monkeypatch.setattr(dense_module, "LONG_KEY_CHUNK", key_chunk)
+    if query_block:
+        monkeypatch.setattr(dense_module, "QUERY_BLOCK", query_block)
     module = make(6, [1, 3, 1, 2], causal=causal)
-    x, padding, glob = inputs(2, 17, pad_from=12, global_at=[(0, 0), (1, 9)])
+    x, padding, glob = inputs(2, 16, pad_from=12, global_at=[(0, 0), (1, 9)])
     grads = []
     for fn in (lambda: module(x, padding_mask=padding, global_mask=glob),
                lambda: brute_force(module, x, padding, glob)):
@@ -150,6 +158,44 @@ def test_gradients_match_brute_force(key_chunk, causal, monkeypatch):
         grads.append([p.grad.clone() for p in module.parameters()])
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_combine_softmax_is_the_softmax_over_both_key_sets_with_gradients():
+    """Two parts over disjoint keys, combined, equal one softmax over all the keys (values and gradients, in
+    float64 through gradcheck), and a lower-precision out_a keeps its dtype."""
+    torch.manual_seed(0)
+    scores, values = torch.randn(2, 5, 7, dtype=torch.float64), torch.randn(2, 7, 3, dtype=torch.float64)
+
+    def part(s, v):
+        return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+    out_a, lse_a = part(scores[..., :4], values[:, :4])
+    out_b, lse_b = part(scores[..., 4:], values[:, 4:])
+    out = combine_softmax(out_a, lse_a, out_b, lse_b)
+    torch.testing.assert_close(out, torch.softmax(scores, -1) @ values)
+    inputs_ = [x.detach().requires_grad_(True) for x in (out_a, lse_a, out_b, lse_b)]
+    assert torch.autograd.gradcheck(combine_softmax, inputs_)
+    low = combine_softmax(out_a.bfloat16(), lse_a.float(), out_b.bfloat16(), lse_b.float())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), out, atol=2e-2, rtol=2e-2)
+
+
+def test_put_rows_writes_the_valid_rows_with_gradients():
+    """Rows land at their positions where valid, padded slots leave x as it was; gradients as for the same
+    result built out of place."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 4, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(2, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([[5, 1], [2, 0]])  # row 1's second slot is padding (position 0 is not global)
+    valid = torch.tensor([[True, True], [True, False]])
+    expected = x.clone()
+    for bi, gi in valid.nonzero().tolist():
+        expected[bi, :, index[bi, gi]] = rows[bi, :, gi]
+    got = put_rows(x * 1, rows, index, valid)
+    torch.testing.assert_close(got, expected)
+    weight = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad((got * weight).sum(), [x, rows]),
+                               torch.autograd.grad((expected * weight).sum(), [x, rows]))
 
 
 def test_compiled_windows_have_the_eager_gradient():

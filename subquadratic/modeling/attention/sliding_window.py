@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..cache import LayerStateCache
-from .dense import dense_attend, few_queries_attend, full_attend
+from .dense import dense_attend, few_keys_dense_attend, few_queries_attend, full_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run
 from .masking import MASK_VALUE, merge_heads, split_heads
 from .projections import project
@@ -162,11 +162,71 @@ def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return out, lse
 
 
+class _CombineSoftmax(torch.autograd.Function):
+    """out = (1 - w) out_a + w out_b with w = sigmoid(lse_b - lse_a) (= exp(lse_b - logaddexp(lse_a, lse_b))),
+    in out_a's dtype (`torch.lerp`, which computes in fp32 for bf16 and fp16 inputs; w is rounded to that dtype).
+
+    Backward, with g the output's gradient: d out_a = (1 - w) g, d out_b = w g, and through
+    dw / d(lse_b - lse_a) = w (1 - w): d lse_b = -d lse_a = w (1 - w) sum_D g (out_b - out_a), summed in fp32.
+    Only out_a, out_b and w (one number per query) are kept for it. Autograd on the fp32 formula kept fp32 copies
+    of both outputs and ran each pass over (T, D) per head in fp32, several times over."""
+
+    @staticmethod
+    def forward(ctx, out_a, lse_a, out_b, lse_b):
+        lse_dtype = torch.promote_types(lse_a.dtype, torch.float32)
+        weight = torch.sigmoid(lse_b.to(lse_dtype) - lse_a.to(lse_dtype))[..., None].to(out_a.dtype)
+        ctx.save_for_backward(out_a, out_b, weight)
+        ctx.lse_dtype = lse_a.dtype
+        return torch.lerp(out_a, out_b.to(out_a.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_a, out_b, weight = ctx.saved_tensors
+        grad = grad.to(out_a.dtype)
+        grad_b = grad * weight
+        grad_a = grad - grad_b
+        sums = (grad * (out_b.to(out_a.dtype) - out_a)).sum(-1, dtype=torch.promote_types(out_a.dtype, torch.float32))
+        weight = weight.squeeze(-1).to(sums.dtype)
+        grad_lse_b = (sums * weight * (1 - weight)).to(ctx.lse_dtype)
+        return grad_a, -grad_lse_b, grad_b.to(out_b.dtype), grad_lse_b
+
+
 def combine_softmax(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
-    """Two attention results over disjoint key sets -> the result over their union. out (..., T, D), lse (..., T)."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    weight_a, weight_b = torch.exp(lse_a - lse)[..., None], torch.exp(lse_b - lse)[..., None]
-    return (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype), lse
+    """Two attention results over disjoint key sets -> the output over their union (..., T, D), in out_a's dtype.
+    out (..., T, D), lse (..., T) in fp32; the union's log-sum-exp would be logaddexp(lse_a, lse_b)."""
+    return _CombineSoftmax.apply(out_a, lse_a, out_b, lse_b)
+
+
+class _PutRows(torch.autograd.Function):
+    """x (B, H, T, D) with rows (B, H, G, D) written in place at positions index (B, G) where valid (B, G).
+
+    In place, since x is a fresh result that nothing keeps for backward; the backward pass is one gather and one
+    scatter of the gradient. Autograd on out-of-place gather / where / scatter made three (T, D) tensors per
+    head and added them up."""
+
+    @staticmethod
+    def forward(ctx, x, rows, index, valid):
+        index = index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])  # (B, H, G, D)
+        keep = valid[:, None, :, None]
+        # padded slots of `index` (not valid) write back what their position already holds
+        x.scatter_(2, index, torch.where(keep, rows.to(x.dtype), x.gather(2, index)))
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(index, keep)
+        ctx.rows_dtype = rows.dtype
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, keep = ctx.saved_tensors
+        at_rows = grad.gather(2, index)
+        grad_x = grad.scatter(2, index, at_rows.masked_fill(keep, 0))
+        return grad_x, at_rows.masked_fill(~keep, 0).to(ctx.rows_dtype), None, None
+
+
+def put_rows(x: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) with x[b, :, index[b, g]] = rows[b, :, g] where valid[b, g]; the positions of a row of
+    ``index`` are distinct. Writes into x (which must be a result nothing else uses) and returns it."""
+    return _PutRows.apply(x, rows, index, valid)
 
 
 class GlobalTokens:
@@ -183,11 +243,7 @@ class GlobalTokens:
         self.index = torch.argsort((~global_mask).to(torch.int8), dim=1, stable=True)[:, :num]
         self.valid = torch.arange(num, device=global_mask.device) < count[:, None]
         self.mask = global_mask
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, T, D) -> (B, H, G, D) at the global positions."""
-        idx = self.index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
-        return x.gather(2, idx)
+        self.key_masks: dict = {}  # per (window, dilations, causal): the layers' global-key masks, built once
 
 
 class SlidingWindowSelfAttention(nn.Module):
@@ -302,40 +358,49 @@ class SlidingWindowSelfAttention(nn.Module):
         compiled by inductor, its input gradients came out wrong on an H200 (torch 2.11) with FlexAttention and
         with the readable window part alike, and on CPU through `unfold` (see `_windows`)."""
         b, t, _ = hidden_states.shape
+        h, d_head, num = self.num_heads, query.shape[-1], glob.index.shape[1]
+        scale = 1.0 / math.sqrt(d_head)
+        # query is a view of the fused q/k/v projection: one contiguous copy serves the window part (FlexAttention
+        # takes contiguous inputs) and the global keys' part (whose query blocks are then views), and what they
+        # keep for backward does not hold on to the keys and values too
+        query = query.contiguous()
         out, lse = self._window_part(query, key, value, key_ok)
+        # The global tokens' own inputs, from which their keys and values (ordinary projections) and queries
+        # (global projections) are projected again: G rows each, and one gather whose backward is a (T, hidden)
+        # scatter, where gathering the projected keys and values cost one per tensor.
+        g_hidden = hidden_states.gather(1, glob.index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
+        g_key, g_value, g_query = (x.view(b, num, h, d_head).transpose(1, 2)  # (B, H, G, D)
+                                   for x in project(g_hidden, [self.key, self.value, self.query_global]))
         # Every query also attends to the global keys outside its window (ordinary projections): (B, H, T, G).
-        positions = torch.arange(t, device=hidden_states.device)
+        settings = (self.window, tuple(self.dilation), self.causal)
+        if settings not in glob.key_masks:  # the same for every layer with these settings
+            glob.key_masks[settings] = self._global_key_mask(glob, t)
+        out_g, lse_g = few_keys_dense_attend(query, g_key, g_value, glob.key_masks[settings], scale, self.dropout)
+        out = combine_softmax(out, lse, out_g, lse_g)
+        # Global queries attend to every real key with the global projections: (B, H, G, T) scores.
+        g_key, g_value = (split_heads(x, h)  # (B, H, T, D)
+                          for x in project(hidden_states, [self.key_global, self.value_global]))
+        allowed = real[:, None, None, :]  # (B, 1, 1, T)
+        if self.causal:
+            allowed = allowed & (torch.arange(t, device=real.device) <= glob.index[:, None, :, None])
+        g_out, _ = few_queries_attend(g_query, g_key, g_value, allowed, scale, self.dropout)
+        # Each global token takes its row of g_out, written at its position (positions are unique)
+        return put_rows(out, g_out, glob.index, glob.valid)
+
+    def _global_key_mask(self, glob: GlobalTokens, length: int) -> torch.Tensor:
+        """(B, 1 or H, T, G) bool: which global keys each query attends to outside its window (and, when causal,
+        not after it)."""
+        positions = torch.arange(length, device=glob.index.device)
         offset = glob.index[:, None, None, :] - positions[:, None]  # (B, 1, T, G): key position - query position
         dilation = self.dilation[0]  # one for every head: the mask stays (B, 1, T, G)
         if len(self.head_groups) > 1:
             dilation = torch.tensor(self.dilation, device=offset.device)[:, None, None]  # (H, 1, 1)
         before, after = (self.window, 0) if self.causal else (self.window // 2, self.window // 2)
         in_window = (offset % dilation == 0) & (offset >= -before * dilation) & (offset <= after * dilation)
-        allowed = glob.valid[:, None, None, :] & ~in_window  # (B, 1 or H, T, G)
+        allowed = glob.valid[:, None, None, :] & ~in_window
         if self.causal:
             allowed = allowed & (offset <= 0)
-        # query is a view of the fused q/k/v projection: a copy, so that what this product keeps for backward
-        # does not hold on to the keys and values too
-        out_g, lse_g = dense_attend(query.contiguous(), glob.gather(key), glob.gather(value), allowed,
-                                    1.0 / math.sqrt(query.shape[-1]), self.dropout)
-        out, _ = combine_softmax(out, lse, out_g, lse_g)
-        # Global queries attend to every real key with the global projections: (B, H, G, T) scores.
-        g_hidden = hidden_states.gather(1, glob.index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
-        # (B, H, G, D); explicit sizes because G may be 0
-        g_query = self.query_global(g_hidden).view(b, g_hidden.shape[1], self.num_heads, query.shape[-1])
-        g_query = g_query.transpose(1, 2)
-        g_key, g_value = (split_heads(x, self.num_heads)  # (B, H, T, D)
-                          for x in project(hidden_states, [self.key_global, self.value_global]))
-        allowed = real[:, None, None, :]  # (B, 1, 1, T)
-        if self.causal:
-            allowed = allowed & (positions <= glob.index[:, None, :, None])
-        g_out, _ = few_queries_attend(g_query, g_key, g_value, allowed, 1.0 / math.sqrt(query.shape[-1]),
-                                      self.dropout)
-        # Each global token takes its row of g_out, written at its position; the padded slots of `index` write back
-        # what their (non-global) position already holds. Positions are unique, so the scatter is exact.
-        index = glob.index[:, None, :, None].expand(-1, self.num_heads, -1, out.shape[-1])  # (B, H, G, D)
-        rows = torch.where(glob.valid[:, None, :, None], g_out.to(out.dtype), out.gather(2, index))
-        return out.scatter(2, index, rows)
+        return allowed
 
     def _decode(self, query, key, value, padding_mask, cache, global_mask):
         """Causal attention of the Q new positions over all T cached and new keys (incremental decoding): one
