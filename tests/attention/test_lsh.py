@@ -10,6 +10,7 @@ from subquadratic.modeling.attention import lsh as lsh_module
 from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.attention.lsh import (
     LSHSelfAttention,
+    _combine_rounds,
     hash_vectors,
     lsh_attend,
     lsh_attend_cached,
@@ -93,6 +94,23 @@ def test_many_buckets_equal_brute_force(causal, num_buckets, rounds):
     buckets = hash_vectors(q, torch.randn(rounds, 8, 4 if num_buckets != 4 else 2), num_buckets)
     out = lsh_attend(q, k, v, buckets, chunk_length=4, causal=causal)
     torch.testing.assert_close(out, brute_force_lsh(q, k, v, buckets, 4, causal), atol=1e-5, rtol=1e-5)
+
+
+def test_rounds_combine_as_one_softmax_over_all_their_keys_with_gradients():
+    """Rounds over disjoint key sets, combined by their log-sum-exps, equal one softmax over all the keys (values
+    and float64 gradients); bf16 rounds keep their dtype and stay close."""
+    torch.manual_seed(0)
+    scores, values = torch.randn(2, 3, 12, dtype=torch.float64), torch.randn(2, 12, 5, dtype=torch.float64)
+    parts = [(torch.softmax(scores[..., i:i + 4], -1) @ values[:, i:i + 4], torch.logsumexp(scores[..., i:i + 4], -1))
+             for i in (0, 4, 8)]
+    out = torch.stack([p[0] for p in parts])[None, None]  # (1, 1, R, ...): rounds on axis 2
+    lse = torch.stack([p[1] for p in parts])[None, None]
+    torch.testing.assert_close(_combine_rounds(out, lse)[0, 0], torch.softmax(scores, -1) @ values)
+    inputs = [out.detach().requires_grad_(True), lse.detach().requires_grad_(True)]
+    assert torch.autograd.gradcheck(_combine_rounds, inputs)
+    low = _combine_rounds(out.bfloat16(), lse.float())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low[0, 0].double(), torch.softmax(scores, -1) @ values, atol=2e-2, rtol=2e-2)
 
 
 def test_attended_pairs_share_a_bucket():

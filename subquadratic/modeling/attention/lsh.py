@@ -192,12 +192,38 @@ def _lsh_attend_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return _unsort_and_combine(out.view(b, h, r, t, -1), lse.view(b, h, r, t), sorted_pos, slots)
 
 
+class _CombineRounds(torch.autograd.Function):
+    """out (B, H, R, T, D), lse (B, H, R, T) -> sum_r w_r out_r with w = softmax over the rounds of lse, in out's
+    dtype: the products are rounded to it and summed in fp32 (for bf16 out).
+
+    Backward, with g the result's gradient and s_r = sum_D g out_r: d out_r = w_r g and d lse_r = w_r (s_r -
+    sum_q w_q s_q) (the softmax's). Only out and w are kept. Autograd on the fp32 formula kept an fp32 copy of
+    the R rounds' outputs and made three more passes over (R, T, D) per head in fp32, in each forward pass, its
+    recomputation in the reversible backward, and the backward pass."""
+
+    @staticmethod
+    def forward(ctx, out, lse):
+        compute = torch.promote_types(lse.dtype, torch.float32)
+        weights = torch.softmax(lse.to(compute), dim=2)
+        ctx.save_for_backward(out, weights)
+        ctx.lse_dtype = lse.dtype
+        return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, weights = ctx.saved_tensors
+        grad = grad.unsqueeze(2).to(out.dtype)  # (B, H, 1, T, D)
+        grad_out = grad * weights.unsqueeze(-1).to(out.dtype)
+        sums = (out * grad).sum(dim=-1, dtype=weights.dtype)  # (B, H, R, T)
+        grad_lse = weights * (sums - (weights * sums).sum(dim=2, keepdim=True))
+        return grad_out, grad_lse.to(ctx.lse_dtype)
+
+
 def _combine_rounds(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """out (B, H, R, T, D), lse (B, H, R, T) -> (B, H, T, D), each round weighted by its share of the mass."""
-    if out.shape[2] == 1:  # the weight is exactly 1 (and its gradient 0): skip the fp32 copy of the output
+    if out.shape[2] == 1:  # the weight is exactly 1 (and its gradient 0)
         return out[:, :, 0]
-    weights = torch.softmax(lse, dim=2).unsqueeze(-1)
-    return (out.float() * weights).sum(dim=2).to(out.dtype)
+    return _CombineRounds.apply(out, lse)
 
 
 def lsh_attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buckets: torch.Tensor,
