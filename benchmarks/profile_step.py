@@ -3,6 +3,9 @@
 
     python benchmarks/profile_step.py --contenders ours-longformer flex-sliding --length 16384
 
+With ``--python N``, also the N Python functions with the most time of their own in one step under cProfile (for
+steps that are launch-bound: where the host spends the time the GPU waits).
+
 Needs a CUDA GPU (prints a message and exits 0 without one).
 """
 
@@ -15,7 +18,28 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def profile(name: str, length: int, rows: int) -> str:
+def python_profile(step, rows: int) -> str:
+    """cProfile of one step (synchronised at its end): the functions with the most time of their own, and the
+    most cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
+    return text.getvalue()
+
+
+def profile(name: str, length: int, rows: int, python_rows: int = 0) -> str:
     import gpu_speed as gs
     import torch
     from torch.profiler import ProfilerActivity
@@ -53,9 +77,10 @@ def profile(name: str, length: int, rows: int) -> str:
     total = sum(e.self_device_time_total for e in on_device) / 1000
     kernels = sum(e.count for e in on_device)
     table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
+    python = python_profile(step, python_rows) if python_rows else ""
     model.zero_grad(set_to_none=True)  # the model itself goes with this frame
     return (f"### {name} at {length} tokens: step {wall:.1f} ms (median of 5, unprofiled), {total:.1f} ms of "
-            f"kernels in {kernels} launches ({100 * total / wall:.0f}% busy)\n{table}")
+            f"kernels in {kernels} launches ({100 * total / wall:.0f}% busy)\n{table}\n{python}")
 
 
 def main(argv=None) -> int:
@@ -63,6 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--contenders", nargs="+", default=["ours-longformer", "flex-sliding"])
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--rows", type=int, default=25, help="kernels listed per contender")
+    parser.add_argument("--python", type=int, default=0, metavar="N",
+                        help="also list the N Python functions with the most host time in one step (cProfile)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(HERE))
     import torch
@@ -74,7 +101,7 @@ def main(argv=None) -> int:
 
     gs.DEVICE, gs.SIZE = torch.device("cuda"), gs.FULL
     for name in args.contenders:
-        print(profile(name, args.length, args.rows), flush=True)
+        print(profile(name, args.length, args.rows, args.python), flush=True)
         torch.cuda.empty_cache()  # the last contender's model is gone with its frame
     return 0
 
