@@ -711,18 +711,21 @@ def plot(rows: list[dict], path: str, dtype: str = "bf16", mode: str = "train") 
     except ImportError:
         print("matplotlib is not installed: no plot")
         return False
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in dict.fromkeys(r["contender"] for r in rows):
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(13, 5))
+    names = list(dict.fromkeys(r["contender"] for r in rows))
+    colors = plt.get_cmap("tab20").colors  # one color per contender (the default cycle repeats after 10)
+    for i, name in enumerate(names):
         points = sorted((r["length"], r["tokens_per_s"], r["peak_gib"]) for r in rows
                         if r["contender"] == name and r["dtype"] == dtype and r["mode"] == mode and r["tokens_per_s"])
         if points:
-            style = "-" if name.startswith("ours") else "--"
-            speed.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=name)
-            memory.plot([p[0] for p in points], [p[2] for p in points], style, marker="o", label=name)
+            style = dict(linestyle="-" if name.startswith("ours") else "--", marker="os^vD"[i % 5],
+                         color=colors[i % len(colors)], label=name)
+            speed.plot([p[0] for p in points], [p[1] for p in points], **style)
+            memory.plot([p[0] for p in points], [p[2] for p in points], **style)
     for ax, label in ((speed, "training tokens/s"), (memory, "peak memory (GiB)")):
         ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)
-    speed.legend(fontsize=7)
+    speed.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{mode} step, {dtype}, batch 1")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
