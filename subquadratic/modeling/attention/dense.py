@@ -50,9 +50,9 @@ def few_queries_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     """`dense_attend` for a few queries over many keys (global tokens attending to a whole sequence).
 
     query (B, H, Q, D), key/value (B, H, K, D), allowed broadcastable to (B, H, Q, K). The key axis is cut into
-    chunks of ``chunk`` (default `LONG_KEY_CHUNK`), so that each product that sums over it (the probabilities times the values, and in the
-    backward pass the score gradient times the keys) runs as many short products added up, not as one long
-    reduction with a tiny (Q, D) result: on an H200 that ran on a handful of thread blocks, 0.76 ms for 4 queries
+    chunks of ``chunk`` (default `LONG_KEY_CHUNK`), so that each product that sums over it (the probabilities
+    times the values, and in the backward pass the score gradient times the keys) runs as many short products
+    added up, not as one long reduction with a tiny (Q, D) result: on an H200 that ran on a handful of thread blocks, 0.76 ms for 4 queries
     over 64K keys. Keys added to fill the last chunk are never allowed (a query with no allowed key, whose output
     no caller uses, averages over them too). Returns (out (B, H, Q, D) in value's dtype, logsumexp (B, H, Q))."""
     b, h, q, d = query.shape
@@ -93,9 +93,9 @@ def full_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
 
 
-# Queries per block in `few_keys_attend` and `few_keys_dense_attend`, at least: the length is halved while the halves keep this many
-# (so between QUERY_BLOCK and twice it when the length has enough factors of two; a length with none, an odd one,
-# is not cut).
+# Queries per block in `few_keys_attend` and `few_keys_dense_attend`, at least: the length is halved while the
+# halves keep this many (so between QUERY_BLOCK and twice it when the length has enough factors of two; a length
+# with none, an odd one, is not cut).
 QUERY_BLOCK = 2048
 
 
