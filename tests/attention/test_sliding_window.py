@@ -13,6 +13,7 @@ from subquadratic.modeling.attention import sliding_window as sliding_window_mod
 from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.attention.masking import merge_heads, split_heads
 from subquadratic.modeling.attention.sliding_window import (
+    GlobalTokens,
     SlidingWindowSelfAttention,
     _windows,
     combine_softmax,
@@ -178,6 +179,73 @@ def test_combine_softmax_is_the_softmax_over_both_key_sets_with_gradients():
     low = combine_softmax(out_a.bfloat16(), lse_a.float(), out_b.bfloat16(), lse_b.float())
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.double(), out, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("w", [0.9, 0.99, 0.999])
+def test_combine_softmax_low_precision_gradients_when_one_part_dominates(dtype, w):
+    """A query whose global key takes most of its attention (w near 1): the window part's gradient (1 - w) g and
+    the log-sum-exp gradients keep their relative precision in bf16/fp16 (a w rounded to bf16 became 1 and
+    zeroed them), within a few units of the dtype's rounding of the fp64 result."""
+    torch.manual_seed(0)
+    out_a, out_b = torch.randn(2, 64, 16, dtype=torch.float64), torch.randn(2, 64, 16, dtype=torch.float64)
+    lse_a = torch.randn(2, 64, dtype=torch.float64)
+    lse_b = lse_a + math.log(w / (1 - w))  # sigmoid(lse_b - lse_a) = w
+    grad = torch.randn(2, 64, 16, dtype=torch.float64)
+    xs64 = [x.clone().requires_grad_(True) for x in (out_a, lse_a, out_b, lse_b)]
+    expected = torch.autograd.grad(combine_softmax(*xs64), xs64, grad)
+    low = [out_a.to(dtype), lse_a.float(), out_b.to(dtype), lse_b.float()]
+    low = [x.requires_grad_(True) for x in low]
+    got = torch.autograd.grad(combine_softmax(*low), low, grad.to(dtype))
+    for g, e in zip(got, expected, strict=True):
+        assert ((g.double() - e).norm() / e.norm()).item() < 1e-2
+
+
+def test_combine_softmax_works_under_torch_func_and_refuses_a_second_derivative():
+    torch.manual_seed(0)
+    out_a, out_b = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    lse_a, lse_b = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+
+    def plain(lse_a):
+        w = torch.sigmoid(lse_b - lse_a)[:, None]
+        return ((1 - w) * out_a + w * out_b).sum()
+
+    got = torch.func.grad(lambda lse: combine_softmax(out_a, lse, out_b, lse_b).sum())(lse_a)
+    torch.testing.assert_close(got, torch.func.grad(plain)(lse_a))
+    lse = lse_a.clone().requires_grad_(True)
+    (first,) = torch.autograd.grad(combine_softmax(out_a, lse, out_b, lse_b).sum(), lse, create_graph=True)
+    with pytest.raises(RuntimeError):
+        first.sum().backward()
+
+
+def test_global_tokens_reused_after_inference_mode_train_and_match_fresh_ones():
+    """A `GlobalTokens` built once may serve an inference-mode call and then a training step: the global-key
+    mask cached under inference mode is not the one the training step saves for backward."""
+    module = make(4, [1, 2, 1, 2])
+    x, padding, glob = inputs(2, 12, pad_from=9, global_at=[(0, 0), (1, 7)])
+    shared = GlobalTokens(glob & padding)
+    with torch.inference_mode():
+        module(x, padding_mask=padding, global_mask=shared)
+    x = x.clone().requires_grad_(True)
+    out = module(x, padding_mask=padding, global_mask=shared)
+    (grad,) = torch.autograd.grad(out[padding].sum(), x)
+    expected = module(x, padding_mask=padding, global_mask=glob)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected[padding].sum(), x)[0])
+
+
+def test_hooked_key_and_value_maps_run_once_per_call_with_the_same_result():
+    """Maps that do more than their weights say (here a forward hook) are called once, on every row, and the
+    global rows are gathered from their output; plain maps project the global rows again. Same results."""
+    module = make(4, [1, 2, 1, 2])
+    x, padding, glob = inputs(2, 12, pad_from=9, global_at=[(0, 0), (1, 7)])
+    expected = module(x, padding_mask=padding, global_mask=glob)
+    calls = []
+    for linear in (module.key, module.value):
+        linear.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    got = module(x, padding_mask=padding, global_mask=glob)
+    assert calls == [x.shape, x.shape]
+    torch.testing.assert_close(got, expected)
 
 
 def test_put_rows_writes_the_valid_rows_with_gradients():

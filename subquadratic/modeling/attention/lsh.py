@@ -197,24 +197,31 @@ class _CombineRounds(torch.autograd.Function):
     dtype: the products are rounded to it and summed in fp32 (for bf16 out).
 
     Backward, with g the result's gradient and s_r = sum_D g out_r: d out_r = w_r g and d lse_r = w_r (s_r -
-    sum_q w_q s_q) (the softmax's). Only out and w are kept. Autograd on the fp32 formula kept an fp32 copy of
-    the R rounds' outputs and made three more passes over (R, T, D) per head in fp32, in each forward pass, its
-    recomputation in the reversible backward, and the backward pass."""
+    sum_q w_q s_q) (the softmax's). That difference is unchanged when every s_r is taken s_0 from, so it is
+    computed from s_r - s_0 = sum_D g (out_r - out_0): rounds often have close outputs, whose difference is exact
+    in bf16, where the products g out_r rounded to bf16 would cancel. Only out and w are kept. Autograd on the
+    fp32 formula kept an fp32 copy of the R rounds' outputs and made three more passes over (R, T, D) per head in
+    fp32, in each forward pass, its recomputation in the reversible backward, and the backward pass. Not
+    differentiable twice (w is computed without a graph)."""
 
     @staticmethod
-    def forward(ctx, out, lse):
-        compute = torch.promote_types(lse.dtype, torch.float32)
-        weights = torch.softmax(lse.to(compute), dim=2)
-        ctx.save_for_backward(out, weights)
-        ctx.lse_dtype = lse.dtype
-        return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=2)
+    def forward(out, lse):
+        weights = torch.softmax(lse.to(torch.promote_types(lse.dtype, torch.float32)), dim=2)
+        return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=2), weights
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, output):  # separate from forward: what torch.func's transforms need
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.lse_dtype = inputs[1].dtype
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _):
         out, weights = ctx.saved_tensors
         grad = grad.unsqueeze(2).to(out.dtype)  # (B, H, 1, T, D)
         grad_out = grad * weights.unsqueeze(-1).to(out.dtype)
-        sums = (out * grad).sum(dim=-1, dtype=weights.dtype)  # (B, H, R, T)
+        sums = ((out - out[:, :, :1]) * grad).sum(dim=-1, dtype=weights.dtype)  # s_r - s_0: (B, H, R, T)
         grad_lse = weights * (sums - (weights * sums).sum(dim=2, keepdim=True))
         return grad_out, grad_lse.to(ctx.lse_dtype)
 
@@ -223,7 +230,7 @@ def _combine_rounds(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """out (B, H, R, T, D), lse (B, H, R, T) -> (B, H, T, D), each round weighted by its share of the mass."""
     if out.shape[2] == 1:  # the weight is exactly 1 (and its gradient 0)
         return out[:, :, 0]
-    return _CombineRounds.apply(out, lse)
+    return _CombineRounds.apply(out, lse)[0]
 
 
 def lsh_attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buckets: torch.Tensor,

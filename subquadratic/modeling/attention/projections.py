@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 
-def _anything_watching(m: nn.Module) -> bool:
+def anything_watching(m: nn.Module) -> bool:
     """Whether calling ``m`` does more than its weights say: a subclass or wrapper (LoRA, quantised layers), a
     forward replaced on the instance (accelerate's offloading), or forward/backward hooks of the module or global
     ones (module trackers, FSDP units)."""
@@ -32,7 +32,7 @@ def project(hidden_states: torch.Tensor, linears: list[nn.Module]) -> list[torch
     hooks, wrappers or offloading) with the same bias setting and the input has enough rows; otherwise each
     module is called."""
     rows = hidden_states.numel() // max(1, hidden_states.shape[-1])
-    if (len(linears) < 2 or any(_anything_watching(m) for m in linears) or len({m.bias is None for m in linears}) > 1
+    if (len(linears) < 2 or any(anything_watching(m) for m in linears) or len({m.bias is None for m in linears}) > 1
             or rows < sum(m.out_features for m in linears)):
         return [m(hidden_states) for m in linears]
     weight = torch.cat([m.weight for m in linears])

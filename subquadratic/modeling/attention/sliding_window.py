@@ -38,7 +38,7 @@ from ..cache import LayerStateCache
 from .dense import dense_attend, few_keys_dense_attend, few_queries_attend, full_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run
 from .masking import MASK_VALUE, merge_heads, split_heads
-from .projections import project
+from .projections import anything_watching, project
 
 
 def _to_dilated(x: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -164,29 +164,37 @@ def flex_window_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 class _CombineSoftmax(torch.autograd.Function):
     """out = (1 - w) out_a + w out_b with w = sigmoid(lse_b - lse_a) (= exp(lse_b - logaddexp(lse_a, lse_b))),
-    in out_a's dtype (`torch.lerp`, which computes in fp32 for bf16 and fp16 inputs; w is rounded to that dtype).
+    in out_a's dtype (`torch.lerp`, which computes in fp32 for bf16 and fp16 inputs, with w rounded to that dtype).
 
     Backward, with g the output's gradient: d out_a = (1 - w) g, d out_b = w g, and through
     dw / d(lse_b - lse_a) = w (1 - w): d lse_b = -d lse_a = w (1 - w) sum_D g (out_b - out_a), summed in fp32.
-    Only out_a, out_b and w (one number per query) are kept for it. Autograd on the fp32 formula kept fp32 copies
-    of both outputs and ran each pass over (T, D) per head in fp32, several times over."""
+    w and 1 - w stay in fp32 there: rounded to bf16, a w near 1 (a query whose global key takes most of its
+    attention) would round to 1 and zero the window part's gradient. Kept for it: out_a, out_b and w (one number
+    per query). Autograd on the fp32 formula kept fp32 copies of both outputs and ran each pass over (T, D) per
+    head in fp32, several times over. Not differentiable twice (w is computed without a graph)."""
 
     @staticmethod
-    def forward(ctx, out_a, lse_a, out_b, lse_b):
-        lse_dtype = torch.promote_types(lse_a.dtype, torch.float32)
-        weight = torch.sigmoid(lse_b.to(lse_dtype) - lse_a.to(lse_dtype))[..., None].to(out_a.dtype)
-        ctx.save_for_backward(out_a, out_b, weight)
+    def forward(out_a, lse_a, out_b, lse_b):
+        compute = torch.promote_types(lse_a.dtype, torch.float32)
+        weight = torch.sigmoid(lse_b.to(compute) - lse_a.to(compute))[..., None]
+        return torch.lerp(out_a, out_b.to(out_a.dtype), weight.to(out_a.dtype)), weight
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # separate from forward: what torch.func's transforms need
+        out_a, lse_a, out_b, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(out_a, out_b, output[1])
         ctx.lse_dtype = lse_a.dtype
-        return torch.lerp(out_a, out_b.to(out_a.dtype), weight)
 
     @staticmethod
-    def backward(ctx, grad):
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _):
         out_a, out_b, weight = ctx.saved_tensors
         grad = grad.to(out_a.dtype)
-        grad_b = grad * weight
-        grad_a = grad - grad_b
-        sums = (grad * (out_b.to(out_a.dtype) - out_a)).sum(-1, dtype=torch.promote_types(out_a.dtype, torch.float32))
-        weight = weight.squeeze(-1).to(sums.dtype)
+        grad_a = grad * (1 - weight).to(grad.dtype)
+        grad_b = grad * weight.to(grad.dtype)
+        sums = (grad * (out_b.to(out_a.dtype) - out_a)).sum(-1, dtype=weight.dtype)
+        weight = weight.squeeze(-1)
         grad_lse_b = (sums * weight * (1 - weight)).to(ctx.lse_dtype)
         return grad_a, -grad_lse_b, grad_b.to(out_b.dtype), grad_lse_b
 
@@ -194,7 +202,7 @@ class _CombineSoftmax(torch.autograd.Function):
 def combine_softmax(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor):
     """Two attention results over disjoint key sets -> the output over their union (..., T, D), in out_a's dtype.
     out (..., T, D), lse (..., T) in fp32; the union's log-sum-exp would be logaddexp(lse_a, lse_b)."""
-    return _CombineSoftmax.apply(out_a, lse_a, out_b, lse_b)
+    return _CombineSoftmax.apply(out_a, lse_a, out_b, lse_b)[0]
 
 
 class _PutRows(torch.autograd.Function):
@@ -243,7 +251,7 @@ class GlobalTokens:
         self.index = torch.argsort((~global_mask).to(torch.int8), dim=1, stable=True)[:, :num]
         self.valid = torch.arange(num, device=global_mask.device) < count[:, None]
         self.mask = global_mask
-        self.key_masks: dict = {}  # per (window, dilations, causal): the layers' global-key masks, built once
+        self.key_masks: dict = {}  # the layers' global-key masks by their settings, built once
 
 
 class SlidingWindowSelfAttention(nn.Module):
@@ -368,12 +376,23 @@ class SlidingWindowSelfAttention(nn.Module):
         # The global tokens' own inputs, from which their keys and values (ordinary projections) and queries
         # (global projections) are projected again: G rows each, and one gather whose backward is a (T, hidden)
         # scatter, where gathering the projected keys and values cost one per tensor.
+        # A key or value map that does more than its weights say (hooks, LoRA dropout, offloading: see
+        # `anything_watching`) is called once, on every row, and the global rows are gathered from its output.
         g_hidden = hidden_states.gather(1, glob.index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
-        g_key, g_value, g_query = (x.view(b, num, h, d_head).transpose(1, 2)  # (B, H, G, D)
-                                   for x in project(g_hidden, [self.key, self.value, self.query_global]))
+
+        def heads(x):  # (B, G, H * D) -> (B, H, G, D)
+            return x.view(b, num, h, d_head).transpose(1, 2)
+
+        if anything_watching(self.key) or anything_watching(self.value):
+            rows = glob.index[:, None, :, None].expand(-1, h, -1, d_head)
+            g_key, g_value, g_query = key.gather(2, rows), value.gather(2, rows), heads(self.query_global(g_hidden))
+        else:
+            g_key, g_value, g_query = map(heads, project(g_hidden, [self.key, self.value, self.query_global]))
         # Every query also attends to the global keys outside its window (ordinary projections): (B, H, T, G).
-        settings = (self.window, tuple(self.dilation), self.causal)
-        if settings not in glob.key_masks:  # the same for every layer with these settings
+        # The mask is the same for every layer with these settings; one built under inference mode could not be
+        # saved for a backward pass, so that mode is part of the key.
+        settings = (self.window, tuple(self.dilation), self.causal, t, torch.is_inference_mode_enabled())
+        if settings not in glob.key_masks:
             glob.key_masks[settings] = self._global_key_mask(glob, t)
         out_g, lse_g = few_keys_dense_attend(query, g_key, g_value, glob.key_masks[settings], scale, self.dropout)
         out = combine_softmax(out, lse, out_g, lse_g)
