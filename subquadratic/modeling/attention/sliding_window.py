@@ -253,6 +253,11 @@ class GlobalTokens:
         self.mask = global_mask
         self.key_masks: dict = {}  # the layers' global-key masks by their settings, built once
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) -> (B, H, G, D) at the global positions."""
+        idx = self.index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+        return x.gather(2, idx)
+
 
 class SlidingWindowSelfAttention(nn.Module):
     """Multi-head Longformer self-attention: sliding window (dilated per head) plus symmetric global attention.
@@ -384,8 +389,7 @@ class SlidingWindowSelfAttention(nn.Module):
             return x.view(b, num, h, d_head).transpose(1, 2)
 
         if anything_watching(self.key) or anything_watching(self.value):
-            rows = glob.index[:, None, :, None].expand(-1, h, -1, d_head)
-            g_key, g_value, g_query = key.gather(2, rows), value.gather(2, rows), heads(self.query_global(g_hidden))
+            g_key, g_value, g_query = glob.gather(key), glob.gather(value), heads(self.query_global(g_hidden))
         else:
             g_key, g_value, g_query = map(heads, project(g_hidden, [self.key, self.value, self.query_global]))
         # Every query also attends to the global keys outside its window (ordinary projections): (B, H, T, G).
