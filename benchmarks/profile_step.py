@@ -4,7 +4,10 @@
     python benchmarks/profile_step.py --contenders ours-longformer flex-sliding --length 16384
 
 With ``--python N``, also the N Python functions with the most time of their own in one step under cProfile (for
-steps that are launch-bound: where the host spends the time the GPU waits).
+steps that are launch-bound: where the host spends the time the GPU waits). Every profile also reports the host
+time of one step (until its last launch returns, before the GPU is waited for) and the points where the step makes
+the host wait for the GPU (`torch.cuda.set_sync_debug_mode`): each drains the queue of launched kernels, after
+which the GPU idles through every launch that follows.
 
 Needs a CUDA GPU (prints a message and exits 0 without one).
 """
@@ -37,6 +40,41 @@ def python_profile(step, rows: int) -> str:
     stats.sort_stats("tottime").print_stats(rows)
     stats.sort_stats("cumulative").print_stats(rows)
     return text.getvalue()
+
+
+def host_time_and_syncs(step) -> tuple[float, list[str]]:
+    """One step's host time in ms (from its start until it returns, without waiting for the GPU) and where it
+    synchronised with the GPU: one line per distinct place (the innermost frames outside torch), with counts."""
+    import time
+    import traceback
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    step()
+    host = (time.perf_counter() - begin) * 1000
+    torch.cuda.synchronize()
+    places: Counter = Counter()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                  and "warnings.py" not in f.filename]
+        places[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))] += 1
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    torch.cuda.synchronize()
+    return host, [f"{count} x {place}" for place, count in places.most_common()]
 
 
 def profile(name: str, length: int, rows: int, python_rows: int = 0) -> str:
@@ -78,9 +116,12 @@ def profile(name: str, length: int, rows: int, python_rows: int = 0) -> str:
     kernels = sum(e.count for e in on_device)
     table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
     python = python_profile(step, python_rows) if python_rows else ""
+    host, syncs = host_time_and_syncs(step)
+    sync_lines = "".join(f"\n  {line}" for line in syncs) or " none"
     model.zero_grad(set_to_none=True)  # the model itself goes with this frame
     return (f"### {name} at {length} tokens: step {wall:.1f} ms (median of 5, unprofiled), {total:.1f} ms of "
-            f"kernels in {kernels} launches ({100 * total / wall:.0f}% busy)\n{table}\n{python}")
+            f"kernels in {kernels} launches ({100 * total / wall:.0f}% busy); host {host:.1f} ms until the last "
+            f"launch; synchronisations:{sync_lines}\n{table}\n{python}")
 
 
 def main(argv=None) -> int:
