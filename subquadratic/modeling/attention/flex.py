@@ -88,9 +88,15 @@ def use_fast_path(tensor: torch.Tensor, auto: bool = True, flex: bool = True) ->
     return enabled
 
 
+FLEX_MIN_HEAD_DIM = 16  # the compiled kernels (inductor's lowering) refuse smaller query/key/value head sizes
+
+
 def flex_can_run(query: torch.Tensor, dropout: torch.nn.Module | None, auto: bool = True) -> bool:
-    """`use_fast_path` for a FlexAttention path, and no attention dropout active (FlexAttention has none)."""
+    """`use_fast_path` for a FlexAttention path, no attention dropout active (FlexAttention has none), and on CUDA
+    a head size the compiled kernels take (at least `FLEX_MIN_HEAD_DIM`; smaller heads run the readable path)."""
     dropout_active = dropout is not None and dropout.training and dropout.p > 0
+    if query.is_cuda and query.shape[-1] < FLEX_MIN_HEAD_DIM:
+        return False
     return not dropout_active and use_fast_path(query, auto)
 
 
