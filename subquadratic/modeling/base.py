@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from .attention.lsh import LSHSelfAttention
+from .graph_capture import capturing
 from .layers.embeddings import AxialPositionEmbedding
 from .remote_code import PACKAGE, export_remote_code
 
@@ -76,11 +77,11 @@ def padding_mask_or_none(attention_mask: torch.Tensor | None) -> torch.Tensor | 
     attention runs the kernels of unpadded input (a data collator passes an all-ones mask with unpadded batches).
     Finding that out reads one value back from the device, once per forward; inside torch.compile and while
     `torch.jit.trace` records, the mask is kept instead (a traced or compiled graph must not bake in the answer for
-    the example input)."""
+    the example input), and so it is while a CUDA graph records (which cannot read values back)."""
     if attention_mask is None:
         return None
     mask = attention_mask.bool()
-    if not torch.compiler.is_compiling() and not torch.jit.is_tracing() and bool(mask.all()):
+    if not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not capturing() and bool(mask.all()):
         return None
     return mask
 

@@ -294,6 +294,7 @@ class SlidingWindowSelfAttention(nn.Module):
         order = [head for heads in groups.values() for head in heads]
         self.head_order = (None if order == list(range(num_heads))
                            else sorted(range(num_heads), key=order.__getitem__))  # inverse permutation of `order`
+        self._indices: dict[tuple, torch.Tensor] = {}  # `_index`
         for name in ("query", "key", "value", "query_global", "key_global", "value_global", "output"):
             setattr(self, name, nn.Linear(hidden_size, hidden_size, bias=bias))
         self.dropout = nn.Dropout(dropout)
@@ -314,12 +315,24 @@ class SlidingWindowSelfAttention(nn.Module):
                 key_ok = torch.ones(query.shape[0], query.shape[2], dtype=torch.bool, device=query.device)
         if len(self.head_groups) == 1:
             return attend(query, key, value, self.window, self.dilation[0], self.causal, key_ok)
-        parts = [attend(query[:, heads], key[:, heads], value[:, heads], self.window, d, self.causal, key_ok)
-                 for d, heads in self.head_groups]
+        parts = []
+        for d, heads in self.head_groups:
+            heads = heads if isinstance(heads, slice) else self._index(heads, query.device)
+            parts.append(attend(query[:, heads], key[:, heads], value[:, heads], self.window, d, self.causal, key_ok))
         out, lse = (torch.cat([p[i] for p in parts], dim=1) for i in (0, 1))
         if self.head_order is not None:
-            out, lse = out[:, self.head_order], lse[:, self.head_order]
+            order = self._index(self.head_order, out.device)
+            out, lse = out[:, order], lse[:, order]
         return out, lse
+
+    def _index(self, heads: list[int], device: torch.device) -> torch.Tensor:
+        """Head indices as a tensor on ``device``, made once per device: indexing by a Python list copies it from
+        host memory at every call, which a CUDA graph cannot record (`training.cuda_graph`). One made under
+        inference mode cannot be saved for a backward pass, so that mode is part of the key."""
+        key = (tuple(heads), str(device), torch.is_inference_mode_enabled())
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(heads, device=device)
+        return self._indices[key]
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 cache: LayerStateCache | None = None,

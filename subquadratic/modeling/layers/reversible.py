@@ -17,20 +17,33 @@ autograd itself (`torch.autograd.grad`, DDP hooks and gradient accumulation work
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
 
+from ..graph_capture import capturing
 from ..recompute import recording, replaying
 
 
 class _RandomState:
-    """The CPU and (when used) CUDA generator states at one point of the forward pass."""
+    """The CPU and (when used) CUDA generator states at one point of the forward pass.
 
-    def __init__(self, device: torch.device):
+    While a CUDA graph records, the CUDA generator's state cannot be read or set from the host; a block whose
+    recomputation needs no random numbers (no active dropout: fresh LSH rotations are drawn again, but the buckets
+    come from the record) then replays only the CPU state, and one that does is refused."""
+
+    def __init__(self, device: torch.device, module: nn.Module):
         self.device = device
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.cuda = None
+        if device.type == "cuda" and capturing():
+            if _active_dropout(module):
+                raise RuntimeError("A reversible layer with active dropout cannot be recorded in a CUDA graph: its "
+                                   "backward pass must replay the forward pass's random numbers. Set the dropout "
+                                   "probabilities to 0 or train without a CUDA graph.")
+        elif device.type == "cuda":
+            self.cuda = torch.cuda.get_rng_state(device)
 
     @contextlib.contextmanager
     def replay(self):
@@ -42,9 +55,16 @@ class _RandomState:
             yield
 
 
+def _active_dropout(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in module.modules())
+
+
 def _autocast_state(device_type: str):
+    """What `torch.autocast` replays: device type, dtype (None when off), enabled, cache_enabled (a CUDA graph
+    records with the cache off)."""
     enabled = torch.is_autocast_enabled(device_type)
-    return device_type, (torch.get_autocast_dtype(device_type) if enabled else None), enabled
+    return (device_type, (torch.get_autocast_dtype(device_type) if enabled else None), enabled,
+            torch.is_autocast_cache_enabled())
 
 
 def _params(module: nn.Module) -> list[nn.Parameter]:
@@ -60,10 +80,10 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.autocast = _autocast_state(x1.device.type)
         ctx.random_states, ctx.decisions = [], []
         for f, g in zip(stack.f_blocks, stack.g_blocks):
-            f_state, f_decisions = _RandomState(x1.device), []
+            f_state, f_decisions = _RandomState(x1.device, f), []
             with recording(f_decisions):  # e.g. LSH buckets: the recomputation must not hash rebuilt inputs again
                 x1 = x1 + f(x2, **f_kwargs)
-            g_state = _RandomState(x1.device)
+            g_state = _RandomState(x1.device, g)
             x2 = x2 + g(x1)
             ctx.random_states.append((f_state, g_state))
             ctx.decisions.append(f_decisions)
@@ -74,12 +94,13 @@ class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y1, grad_y2):
         y1, y2 = ctx.saved_tensors
-        device_type, dtype, enabled = ctx.autocast
+        device_type, dtype, enabled, cache = ctx.autocast
+        autocast = functools.partial(torch.autocast, device_type, dtype=dtype, enabled=enabled, cache_enabled=cache)
         grads: dict[nn.Parameter, torch.Tensor] = {}
         blocks = list(zip(ctx.stack.f_blocks, ctx.stack.g_blocks, ctx.random_states, ctx.decisions))
         for f, g, (f_state, g_state), f_decisions in reversed(blocks):
             # G: rebuild x2 = y2 - G(y1) and push grad_y2 through G.
-            with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), g_state.replay():
+            with torch.enable_grad(), autocast(), g_state.replay():
                 y1 = y1.detach().requires_grad_(True)
                 g_out = g(y1)
             g_params = _params(g)
@@ -87,8 +108,7 @@ class _ReversibleFunction(torch.autograd.Function):
             x2 = (y2 - g_out).detach()
             grad_y1 = grad_y1 + g_grads[0]
             # F: rebuild x1 = y1 - F(x2) and push grad_y1 through F.
-            with (torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled), f_state.replay(),
-                  replaying(f_decisions)):
+            with torch.enable_grad(), autocast(), f_state.replay(), replaying(f_decisions):
                 x2 = x2.requires_grad_(True)
                 f_out = f(x2, **ctx.f_kwargs)
             f_params = _params(f)

@@ -1,0 +1,137 @@
+"""A training step (forward pass, loss, backward pass) recorded once as a CUDA graph and replayed.
+
+At 16K tokens and below an eager training step of these models is bound by the host: the GPU waits for Python and
+the autograd engine to launch some 600-1,000 kernels (BENCHMARKS.md). A CUDA graph launches all of them at once.
+The models here can be recorded because their forward and backward passes never read a value back from the GPU
+(no `.item()`, no data-dependent shapes) when there are no global tokens; `transformers`' Reformer and Longformer
+cannot (their forward passes do).
+
+    step = CapturedTrainingStep(model, {"input_ids": ids, "labels": labels}, autocast_dtype=torch.bfloat16)
+    for batch in batches:                     # every batch of the same shapes and dtypes as the example
+        loss = step(batch)                    # adds the batch's gradients to each parameter's .grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # keep the .grad tensors the graph writes into
+
+What a graph fixes at recording time, and what therefore must not change between steps: the batch's keys, shapes
+and dtypes (a new length needs a new `CapturedTrainingStep`), the parameters' and gradients' storage (update them
+in place, as optimizers do; do not set gradients to None or move the model), and the mode (train/eval) and
+settings of the model. No autograd graph of an eager step may be alive while the step records (a loss kept
+without `.detach()`): its parameters' gradient-accumulation nodes would be reused, with the default stream they ran
+on, which a recording cannot depend on. A padding mask stays in the graph even when a batch has no padding. Attention dropout is
+recorded too (the generator advances at each replay), except in reversible layers, whose backward pass must replay
+the forward pass's random numbers from the host: a Reformer with active dropout is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+
+def model_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The loss a model of this package (or of `transformers`) returns for a batch with labels."""
+    return model(**batch).loss
+
+
+class CapturedTrainingStep:
+    """Forward pass, loss and backward pass of ``model`` on batches shaped like ``example_batch``, recorded as one
+    CUDA graph; calling it replays the graph.
+
+    Args:
+        model: on a CUDA device, in the mode it trains in (`model.train()`).
+        example_batch: name -> tensor on the model's device; every later batch must have the same names, shapes
+            and dtypes. Its values are copied; the step does not keep the caller's tensors.
+        compute_loss: ``compute_loss(model, batch) -> scalar loss``; default `model_loss` (``model(**batch).loss``).
+        autocast_dtype: run the forward pass under `torch.autocast` with this dtype (e.g. torch.bfloat16); None:
+            no autocast. The backward pass records in the same precision.
+        warmup_steps: eager steps on a side stream before recording (CUDA graphs need the lazy initialisation of
+            cuBLAS, compiled kernels and cached masks done before); their gradients are discarded.
+
+    Calling it with a batch copies the batch into the recorded inputs and replays; without one it replays on the
+    last batch. Returns the loss as a tensor that the next call overwrites (take `.item()` or a clone to keep it).
+    Gradients are added to `.grad` like `loss.backward()`, so several calls accumulate; zero them with
+    ``zero_grad(set_to_none=False)``.
+    """
+
+    def __init__(self, model: nn.Module, example_batch: Mapping[str, torch.Tensor],
+                 compute_loss: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] = model_loss,
+                 autocast_dtype: torch.dtype | None = None, warmup_steps: int = 3):
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        if not parameters:
+            raise ValueError("`model` has no parameters that require gradients: there is no training step to record.")
+        device = parameters[0].device
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(f"CapturedTrainingStep records a CUDA graph and needs a model on a CUDA device; the "
+                             f"model's parameters are on {device}. On other devices, run the step eagerly.")
+        if warmup_steps < 1:
+            raise ValueError(f"warmup_steps={warmup_steps}: expected at least 1 (recording needs a step run before).")
+        for name, value in example_batch.items():
+            if not isinstance(value, torch.Tensor) or value.device != device:
+                where = value.device if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"example_batch[{name!r}] is {where}; expected a tensor on the model's device "
+                                 f"{device}.")
+        self.model, self.compute_loss, self.autocast_dtype, self.device = model, compute_loss, autocast_dtype, device
+        self.batch = {name: value.detach().clone() for name, value in example_batch.items()}
+        # The warm-up steps show which parameters get gradients (a model may leave some unused, e.g. the global
+        # projections without global tokens: they keep .grad None, so an optimizer skips them as it would
+        # eagerly). The recorded backward pass then adds into the .grad tensors they leave, as loss.backward()
+        # does; the warm-up's gradients are taken back out.
+        before = {p: None if p.grad is None else p.grad.clone() for p in parameters}
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup_steps):
+                self._run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.parameters = [p for p in parameters if p.grad is not None]
+        with torch.no_grad():
+            for p in self.parameters:
+                p.grad.zero_() if before[p] is None else p.grad.copy_(before[p])
+        self.grads = [p.grad for p in self.parameters]
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.loss = self._run()
+        except RuntimeError as error:
+            first = error  # ending a broken recording raises again: the first error is the informative one
+            while isinstance(first.__context__, RuntimeError):
+                first = first.__context__
+            raise RuntimeError(
+                f"Recording the training step as a CUDA graph failed: {first}. The forward pass, loss and backward "
+                f"pass must not read values back from the GPU (`.item()`, data-dependent shapes such as global "
+                f"tokens), copy from host memory, or set generator states; run those steps eagerly. No graph of an "
+                f"eager step may be alive (a loss kept without .detach()).") from error
+
+    def _run(self) -> torch.Tensor:
+        precision = (contextlib.nullcontext() if self.autocast_dtype is None
+                     else torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False))
+        with precision:
+            loss = self.compute_loss(self.model, self.batch)
+        loss.backward()
+        return loss.detach()
+
+    def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        if set(batch) != set(self.batch):
+            raise ValueError(f"The batch has the keys {sorted(batch)}; this step was recorded with {sorted(self.batch)}.")
+        for name, value in batch.items():
+            recorded = self.batch[name]
+            if not isinstance(value, torch.Tensor) or value.shape != recorded.shape or value.dtype != recorded.dtype:
+                got = (f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor)
+                       else type(value).__name__)
+                raise ValueError(f"batch[{name!r}] is {got}; this step was recorded with {tuple(recorded.shape)} "
+                                 f"{recorded.dtype} (a new shape needs a new CapturedTrainingStep).")
+
+    def __call__(self, batch: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if batch is not None:
+            self._check_batch(batch)
+            for name, value in batch.items():
+                self.batch[name].copy_(value, non_blocking=True)
+        for p, g in zip(self.parameters, self.grads):
+            if p.grad is not g:
+                raise RuntimeError("A parameter's .grad is no longer the tensor the recorded step writes into (set to "
+                                   "None or replaced): zero gradients with `zero_grad(set_to_none=False)`.")
+        self.graph.replay()
+        return self.loss
