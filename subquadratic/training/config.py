@@ -59,6 +59,10 @@ class TrainConfig:
         resume: continue from the newest complete checkpoint in output_dir, if there is one.
         trackers: accelerate trackers (`tensorboard`, `wandb`, ...); metrics also go to `metrics.jsonl`.
         fsdp: shard parameters with FSDP instead of DDP (multi-GPU).
+        cuda_graph: record a micro-batch's forward and backward pass as one CUDA graph at the first step and replay
+            it (`subquadratic.training.cuda_graph`): for sequences short enough that an eager step waits on the
+            host launching kernels (16K tokens and below, BENCHMARKS.md). One GPU and one process; mixed_precision
+            `no` or `bf16`; not with global tokens or a Reformer with dropout (they cannot be recorded).
         num_workers: DataLoader workers.
         push_to_hub: a hub repository id (`user/name`) to upload the `model/` folder to at the end (needs
             `hf auth login` or HF_TOKEN; checked before training starts).
@@ -100,6 +104,7 @@ class TrainConfig:
     resume: bool = True
     trackers: list = field(default_factory=lambda: ["tensorboard"])
     fsdp: bool = False
+    cuda_graph: bool = False
     num_workers: int = 0
     push_to_hub: str | None = None
     sample_prompt: str | None = "ROMEO:\n"
@@ -131,6 +136,10 @@ class TrainConfig:
         check(self.eval_stride is None or 0 < self.eval_stride <= self.seq_len, "eval_stride",
               f"expected None or 1..seq_len={self.seq_len}")
         check(isinstance(self.model, dict), "model", "expected a mapping of model config fields")
+        check(isinstance(self.cuda_graph, bool), "cuda_graph", "expected true or false")
+        check(not (self.cuda_graph and self.mixed_precision == "fp16"), "mixed_precision",
+              "cuda_graph takes `no` or `bf16` (fp16's loss scaling is not recorded)")
+        check(not (self.cuda_graph and self.fsdp), "fsdp", "cuda_graph trains on one GPU, without FSDP")
 
 
 def preset_names() -> list[str]:

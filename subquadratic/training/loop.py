@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
 from ..modeling.auto import known_model_types
 from .checkpoints import checkpoint_dir, latest_checkpoint, prune, publish, temporary_path
 from .config import TrainConfig
+from .cuda_graph import CapturedTrainingStep
 from .data import Corpus, PackedBlocks, ResumableSampler, load_corpus, mlm_collator
 from .evaluation import bits_per_character, causal_lm_nll, masked_lm_metrics, perplexity_per_word
 from .hub import check_push_ready, push_folder
@@ -140,6 +141,11 @@ class Run:
             log_with=cfg.trackers or None, project_dir=cfg.output_dir, fsdp_plugin=plugin,
             step_scheduler_with_optimizer=False,  # the schedule counts optimizer steps, whatever the process count
             kwargs_handlers=[self.ddp_kwargs])
+        if cfg.cuda_graph and (not torch.cuda.is_available() or self.accelerator.num_processes > 1):
+            raise ValueError(f"training config `cuda_graph`=True records the step on one GPU in one process; this "
+                             f"run has {torch.cuda.device_count()} GPU(s) and {self.accelerator.num_processes} "
+                             f"process(es). Set `cuda_graph` false.")
+        self.graph: CapturedTrainingStep | None = None  # recorded at the first step (cfg.cuda_graph)
         set_seed(cfg.seed)
         with self.accelerator.main_process_first():
             saved_tokenizer = os.path.isdir(cfg.tokenizer)
@@ -259,18 +265,21 @@ class Run:
         metrics: dict = {}
         deadline = None if cfg.max_minutes is None else time.time() + 60 * cfg.max_minutes
         while self.state.step < cfg.max_steps and not self.out_of_time(deadline):
-            for _ in range(cfg.gradient_accumulation_steps):
-                batch = next(batches)
-                with acc.accumulate(self.model):
-                    loss = self.model(**batch).loss
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                    self.optimizer.step()  # a no-op until the last micro-batch of the step
-                    if acc.sync_gradients:
-                        self.scheduler.step()
-                    self.optimizer.zero_grad()
-                window_loss += acc.reduce(loss.detach(), "mean").item() / cfg.gradient_accumulation_steps
+            if cfg.cuda_graph:
+                window_loss += self.recorded_step(batches)
+            else:
+                for _ in range(cfg.gradient_accumulation_steps):
+                    batch = next(batches)
+                    with acc.accumulate(self.model):
+                        loss = self.model(**batch).loss
+                        acc.backward(loss)
+                        if acc.sync_gradients and cfg.max_grad_norm > 0:
+                            acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                        self.optimizer.step()  # a no-op until the last micro-batch of the step
+                        if acc.sync_gradients:
+                            self.scheduler.step()
+                        self.optimizer.zero_grad()
+                    window_loss += acc.reduce(loss.detach(), "mean").item() / cfg.gradient_accumulation_steps
             self.state.step += 1
             self.state.tokens += self.tokens_per_step
             window_steps += 1
@@ -302,6 +311,28 @@ class Run:
         acc.end_training()
         acc.print(f"saved {folder}; final metrics {json.dumps(final)}")
         return {**metrics, **final}
+
+    def recorded_step(self, batches) -> float:
+        """One optimizer step whose micro-batches replay the recorded graph (`cuda_graph`); returns their mean
+        loss. The graph adds each micro-batch's gradients (of its loss / gradient_accumulation_steps) into the
+        parameters' .grad, which are zeroed in place after the update."""
+        cfg, steps = self.cfg, self.cfg.gradient_accumulation_steps
+        total = 0.0
+        for _ in range(steps):
+            batch = next(batches)
+            if self.graph is None:
+                self.graph = CapturedTrainingStep(
+                    # without accelerate's autocast wrapper, whose cast cache must not be on while recording
+                    self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False), batch,
+                    compute_loss=lambda model, b: model(**b).loss / steps,
+                    autocast_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None)
+            total += self.graph(batch).item()
+        if cfg.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        return total
 
     def out_of_time(self, deadline: float | None) -> bool:
         """Whether the wall-clock budget is spent, decided by the main process so that all stop together."""

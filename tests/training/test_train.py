@@ -135,6 +135,32 @@ def test_bad_input_fails_before_training(overrides, message, tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_cuda_graph_needs_one_gpu_and_no_fp16(tmp_path):
+    with pytest.raises(ValueError, match="`mixed_precision`='fp16'.*cuda_graph"):
+        load_config(None, ["--cuda_graph", "true", "--mixed_precision", "fp16"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="`cuda_graph`=True records the step on one GPU"):
+            Run(load_config(None, [*SMALL, "--output_dir", str(tmp_path), "--cuda_graph", "true"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_cuda_graph_training_follows_the_eager_loss_curve(precision, tmp_path):
+    # no dropout and fixed rotations: the recording's warm-up steps draw random numbers the eager run does not
+    args = [*SMALL, "--model.hidden_dropout_prob", "0", "--model.attention_probs_dropout_prob", "0",
+            "--model.hash_seed", "0", "--max_steps", "6",
+            "--mixed_precision", precision, "--gradient_accumulation_steps", "2", "--final_eval", "false",
+            "--sample_prompt", "null"]
+    for run, extra in (("eager", []), ("graph", ["--cuda_graph", "true"])):  # one process each (accelerate's state)
+        result = cli([*args, "--output_dir", str(tmp_path / run), *extra])
+        assert result.returncode == 0, result.stderr[-3000:]
+    eager, graph = losses(tmp_path / "eager"), losses(tmp_path / "graph")
+    assert sorted(graph) == sorted(eager) == list(range(1, 7))
+    tolerance = 1e-4 if precision == "no" else 2e-2
+    for step in eager:
+        assert graph[step] == pytest.approx(eager[step], rel=tolerance), (step, eager, graph)
+
+
 def test_bad_config_keys_and_values_are_clear():
     with pytest.raises(ValueError, match="unknown training config keys \\['lerning_rate'\\]"):
         load_config(None, ["--lerning_rate", "1e-3"])
