@@ -48,12 +48,19 @@ Contenders (`--contenders`; all by default):
   pkg-linformer            linformer.LinformerLM, k = 256
   pkg-local-attention      local_attention.LocalTransformer, bidirectional window |q - k| <= 256 (window_size 256,
                            look_backward = look_forward = 1, exact windows), plain residuals, its GEGLU feed-forward
+Any contender's name with `+graph` appended (`ours-longformer+graph`) runs its training step recorded as one CUDA
+graph and replayed (`subquadratic.training.cuda_graph.CapturedTrainingStep`; gradients zeroed in place instead of
+set to None; the first-step time includes one warm-up step and the recording): the launches leave the host, which
+bounds the eager steps at 16K and below. Train mode on CUDA only; a model that cannot be recorded (it reads values
+back from the GPU, as `transformers`' Reformer and Longformer do) is an error row. A graphed contender of ours is
+compared with the graphed version of each contender where that was measured in the run, else the eager one.
 The pkg-* packages are imported lazily ("skipped (not installed)" without them). Ratios compare each of ours with
 its hf, pkg, sdpa and flex contenders (ours tokens/s / theirs); the crossover is the first length where ours beats
 its sdpa baseline in train bf16 (an sdpa OOM where ours ran counts as beating it).
 
     python benchmarks/gpu_speed.py --json out.json                      # everything, within --budget-seconds
     python benchmarks/gpu_speed.py --contenders ours-reformer hf-reformer sdpa-full-causal --lengths 4096 16384
+    python benchmarks/gpu_speed.py --contenders ours-longformer+graph flex-sliding+graph hf-longformer --lengths 16384
     python benchmarks/gpu_speed.py --quick                              # tiny CPU smoke run (seconds)
 
 Without a CUDA GPU the script prints a message and exits 0, unless `--quick` is given. The report (environment,
@@ -310,6 +317,10 @@ class NeedsCuda(Exception):
     pass
 
 
+class Unsupported(Exception):
+    """A case this contender does not run; the message is the row's status."""
+
+
 _FLEX = {}  # the compiled flex_attention and the block masks, by (length, half window, device)
 
 
@@ -431,6 +442,35 @@ COLUMNS = ("hf", "pkg", "sdpa", "flex")
 # Contenders that run ours with the attention paths forced (`flex.set_fast_paths` for the whole case, since the
 # Reformer's reversible backward runs the forward again): their readable paths.
 FORCED_PATHS = {"ours-reformer-readable": False, "ours-linformer-readable": False, "ours-longformer-readable": False}
+GRAPH = "+graph"  # suffix: the contender's training step recorded as a CUDA graph
+
+
+def base_name(name: str) -> str:
+    return name.removesuffix(GRAPH)
+
+
+def contender_names() -> list[str]:
+    return [*CONTENDERS, *(name + GRAPH for name in CONTENDERS)]
+
+
+def comparisons(measured) -> dict[str, dict[str, str]]:
+    """ours -> {column: contender} for every one of ours in ``measured`` (contender names): COMPARE, and for a
+    graphed one of ours each column's graphed contender where that was measured, else the eager one."""
+    out = {}
+    for name in measured:
+        versus = COMPARE.get(base_name(name))
+        if versus is None:
+            continue
+        if name.endswith(GRAPH):
+            versus = {c: other + GRAPH if other + GRAPH in measured else other for c, other in versus.items()}
+        out[name] = versus
+    return out
+
+
+def _order(name: str) -> float:
+    names = list(CONTENDERS)
+    base = base_name(name)
+    return (names.index(base) if base in names else len(names)) + (0.5 if name.endswith(GRAPH) else 0)
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -473,12 +513,25 @@ def run_case(name: str, length: int, dtype: str, mode: str, warmup: int, repeats
         torch.cuda.reset_peak_memory_stats()
     from subquadratic.modeling.attention.flex import set_fast_paths
 
+    graphed, name = name.endswith(GRAPH), base_name(name)
+    if graphed and (not cuda or not train):
+        raise Unsupported("skipped (needs CUDA)" if not cuda else "skipped (graphs: train only)")
     set_fast_paths(FORCED_PATHS.get(name))  # None: each mechanism's own default
     model, loss_fn = CONTENDERS[name](name, length)
     model.train(train)
     parameters = sum(p.numel() for p in model.parameters())
+    captured = []
 
     def step() -> float:
+        if graphed:
+            if not captured:  # the first step records (after one eager warm-up step)
+                from subquadratic.training.cuda_graph import CapturedTrainingStep
+
+                captured.append(CapturedTrainingStep(
+                    model, {}, compute_loss=lambda m, b: loss_fn(), warmup_steps=1,
+                    autocast_dtype=torch.bfloat16 if dtype == "bf16" else None))
+            model.zero_grad(set_to_none=False)
+            return captured[0]()
         if train:
             model.zero_grad(set_to_none=True)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16"), torch.set_grad_enabled(train):
@@ -557,7 +610,7 @@ def run_all(args, environment: dict) -> list[dict]:
                    median_s=None, times_s=[], first_step_s=None, peak_gib=None, parameters=None, first_loss=None,
                    repeats=0)
         elapsed = time.perf_counter() - T0
-        package = PACKAGES.get(name)
+        package = PACKAGES.get(base_name(name))
         if _SIGNAL["stop"]:
             row["status"] = "not run (interrupted)"
         elif broken:
@@ -582,6 +635,8 @@ def run_all(args, environment: dict) -> list[dict]:
                     slow.append((name, length, dtype, mode))
             except NeedsCuda:
                 row["status"] = "skipped (needs CUDA)"
+            except Unsupported as reason:
+                row["status"] = str(reason)
             except Interrupted:
                 row["status"] = "not run (interrupted)"
             except Exception as error:  # noqa: BLE001 -- every failure is a result here
@@ -628,7 +683,7 @@ def _lookup(rows: list[dict]) -> dict:
 
 def ratios(rows: list[dict]) -> list[dict]:
     table, out = _lookup(rows), []
-    for ours, versus in COMPARE.items():
+    for ours, versus in comparisons({r["contender"] for r in rows if r["tokens_per_s"]}).items():
         for (name, length, dtype, mode), row in table.items():
             if name != ours or not (row["tokens_per_s"] or row["status"] == "OOM"):
                 continue
@@ -652,7 +707,7 @@ def _ratio(ours: dict, theirs: dict) -> float | str | None:
 
 def crossovers(rows: list[dict], dtype: str = "bf16", mode: str = "train") -> dict:
     table, out = _lookup(rows), {}
-    for ours, versus in COMPARE.items():
+    for ours, versus in comparisons({r["contender"] for r in rows if r["tokens_per_s"]}).items():
         lengths = sorted(n for (c, n, d, m) in table if c == ours and d == dtype and m == mode)
         if not lengths:
             continue
@@ -742,9 +797,8 @@ def report(rows: list[dict], environment: dict) -> str:
              "", "| contender | tokens | dtype | mode | tok/s | peak GiB | first s | status |",
              "|---|---:|---|---|---:|---:|---:|---|"]
     unmeasured: dict[str, dict[str, int]] = {}  # skipped or not run: status -> contender -> cases
-    order = {name: i for i, name in enumerate(CONTENDERS)}
     def key(r):
-        return MODES.index(r["mode"]), DTYPES.index(r["dtype"]), order.get(r["contender"], 99), r["length"]
+        return MODES.index(r["mode"]), DTYPES.index(r["dtype"]), _order(r["contender"]), r["length"]
 
     for r in sorted(rows, key=key):
         if r["status"].startswith(("not run", "skipped")):
@@ -761,12 +815,12 @@ def report(rows: list[dict], environment: dict) -> str:
     entries = [e for e in ratios(rows) if e["dtype"] == "bf16" and e["mode"] == "train" and e["vs"]]
     if entries:
         lines += ["", "ratios, train bf16 (ours tok/s / theirs; inf: only theirs ran out of memory)", ""]
-        for ours, versus in COMPARE.items():
+        for ours, versus in comparisons({r["contender"] for r in rows if r["tokens_per_s"]}).items():
             if any(e["model"] == ours for e in entries):
                 lines.append(f"- {ours}: " + ", ".join(f"{c} = {n}" for c, n in versus.items()))
         lines += ["", "| ours | tokens | " + " | ".join(f"vs {c}" for c in COLUMNS) + " |",
                   "|---|---:|" + "---:|" * len(COLUMNS)]
-        for e in sorted(entries, key=lambda e: (order[e["model"]], e["length"])):
+        for e in sorted(entries, key=lambda e: (_order(e["model"]), e["length"])):
             cells = [_fmt_ratio(e["vs"][c]["ratio"]) if c in e["vs"] else "" for c in COLUMNS]
             lines.append(f"| {e['model']} | {e['length']} | " + " | ".join(cells) + " |")
     cross = crossovers(rows)
@@ -833,7 +887,8 @@ def _warm_device() -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
+    parser.add_argument("--contenders", nargs="+", choices=contender_names(), default=list(CONTENDERS),
+                        metavar="NAME", help="contenders (default: all, eager); NAME+graph: recorded as a CUDA graph")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default 1024 4096 16384 65536; "
                         "--quick: 256 512); multiples of 128")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))

@@ -114,3 +114,18 @@ def test_growth_exponents_and_the_report_of_a_saved_run(tmp_path):
     out = _run("--report-from", str(saved))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "- quadratic: memory 2.00, step time 2.00" in out.stdout
+
+
+def test_graphed_contenders_compare_with_graphed_baselines_where_measured():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_speed_for_test", SCRIPT)
+    gs = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gs  # its dataclasses look their module up
+    spec.loader.exec_module(gs)
+    versus = gs.comparisons({"ours-longformer+graph", "ours-longformer", "flex-sliding+graph", "hf-longformer"})
+    assert versus["ours-longformer+graph"] == {"hf": "hf-longformer", "pkg": "pkg-local-attention",
+                                               "sdpa": "sdpa-full", "flex": "flex-sliding+graph"}
+    assert versus["ours-longformer"]["flex"] == "flex-sliding"
+    assert "flex-sliding+graph" not in versus  # not one of ours
+    assert gs._order("ours-longformer") < gs._order("ours-longformer+graph") < gs._order("ours-longformer-global")
