@@ -31,6 +31,17 @@ import torch
 from torch import nn
 
 
+_WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for every recording's warm-up: cuBLAS keeps a workspace for each stream it has
+    run on until the process ends, so a new stream per recording would keep tens of MiB each."""
+    if device not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
+    return _WARMUP_STREAMS[device]
+
+
 def model_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The loss a model of this package (or of `transformers`) returns for a batch with labels."""
     return model(**batch).loss
@@ -80,7 +91,7 @@ class CapturedTrainingStep:
         # eagerly). The recorded backward pass then adds into the .grad tensors they leave, as loss.backward()
         # does; the warm-up's gradients are taken back out.
         before = {p: None if p.grad is None else p.grad.clone() for p in parameters}
-        stream = torch.cuda.Stream(device)
+        stream = _warmup_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(warmup_steps):
