@@ -25,7 +25,8 @@ Contenders (`--contenders`; all by default):
   ours-reformer            ReformerLMForCausalLM: layers alternating local/LSH, chunks 64, 4 hash rounds,
                            buckets = the power of two nearest 2L/64, axial positions (two factors of L, dims 128+384)
   ours-longformer          LongformerStyleForMaskedLM, window 512 (256 each side), no global tokens
-  ours-longformer-global   the same with the first 4 tokens global (`global_attention_mask`)
+  ours-longformer-global   the same with the first 4 tokens global (`global_attention_mask`; the config's
+                           `max_global_tokens` = 4 from 2026-12-01 on, so their count is not read back)
   ours-longformer-dilated  the same, dilation 2 in half of the heads of every layer, 1 in the others
   ours-linformer           LinformerForMaskedLM, k = 256, one E and F per layer shared by its heads ("headwise",
                            as pkg-linformer), max_position_embeddings = L
@@ -208,7 +209,8 @@ def build_ours_longformer(name: str, seq_len: int):
         vocab_size=SIZE.vocab, hidden_size=SIZE.hidden, num_hidden_layers=SIZE.layers,
         num_attention_heads=SIZE.heads, intermediate_size=SIZE.ff, attention_window=SIZE.window,
         attention_dilation=dilation, max_position_embeddings=seq_len + 2, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, pad_token_id=1, use_cache=False)
+        attention_probs_dropout_prob=0.0, pad_token_id=1, use_cache=False,
+        max_global_tokens=SIZE.global_tokens if name == "ours-longformer-global" else None)
     model = _on_device(lambda: LongformerStyleForMaskedLM(config))
     ids = _ids(seq_len)
     labels = _mlm_labels(ids)

@@ -54,6 +54,11 @@ class LongformerStyleConfig(PretrainedConfig):
             and every later token attends to them), with their own query/key/value projections. Per call, pass
             `global_attention_mask` (batch, length), 1 for global tokens. `...ForSequenceClassification` defaults to
             the first token and `...ForQuestionAnswering` to the question (tokens before the first `sep_token_id`).
+        max_global_tokens (`int`, optional): the most global tokens a row of a batch has. None: the number is read
+            from the mask at each forward pass (one read-back from the GPU). A number: global tokens are padded to
+            it without reading anything back, so a training step with global tokens can be recorded as a CUDA graph
+            (`subquadratic.training.cuda_graph`); a row with more is an error (a `ValueError` in eager calls, a
+            device-side assertion in a recorded step).
         is_decoder (`bool`, defaults to False): causal (autoregressive) attention. `...ForCausalLM` needs True,
             `...ForMaskedLM` needs False.
         max_position_embeddings (`int`, defaults to 4098): rows of the position embedding table. As in RoBERTa,
@@ -90,6 +95,7 @@ class LongformerStyleConfig(PretrainedConfig):
         attention_window: int | list[int] = 512,
         attention_dilation: int | list[int | list[int]] = 1,
         default_global_attention: str = "none",
+        max_global_tokens: int | None = None,
         is_decoder: bool = False,
         max_position_embeddings: int = 4098,
         type_vocab_size: int = 1,
@@ -120,6 +126,8 @@ class LongformerStyleConfig(PretrainedConfig):
         attention_dilation = [_dilations(f"attention_dilation[{i}]", d, num_attention_heads)
                               for i, d in enumerate(layer_dilations)]
         one_of("default_global_attention", default_global_attention, GLOBAL_ATTENTION_DEFAULTS)
+        if max_global_tokens is not None:
+            positive_int("max_global_tokens", max_global_tokens)
         non_negative_int("pad_token_id", pad_token_id)
         require(isinstance(sep_token_id, int) and sep_token_id >= 0, "sep_token_id", sep_token_id,
                 "expected a token id (an integer >= 0)")
@@ -141,6 +149,7 @@ class LongformerStyleConfig(PretrainedConfig):
         self.attention_window = attention_window
         self.attention_dilation = attention_dilation
         self.default_global_attention = default_global_attention
+        self.max_global_tokens = max_global_tokens
         self.is_decoder = is_decoder
         self.max_position_embeddings = max_position_embeddings
         self.type_vocab_size = type_vocab_size

@@ -146,7 +146,8 @@ class LongformerStyleModel(LongformerStylePreTrainedModel):
         padding_mask = padding_mask_or_none(attention_mask)
         global_mask = self._global_mask(global_attention_mask, batch, length, past, device)
         if global_mask is not None and not past:  # where the global tokens are, found once for every layer
-            global_mask = GlobalTokens(global_mask if padding_mask is None else global_mask & padding_mask)
+            global_mask = GlobalTokens(global_mask if padding_mask is None else global_mask & padding_mask,
+                                       self.config.max_global_tokens)
         all_hidden = [hidden]
         for layer in self.layers:
             hidden = layer(hidden, padding_mask=padding_mask, global_mask=global_mask, cache=cache)

@@ -3,8 +3,9 @@
 At 16K tokens and below an eager training step of these models is bound by the host: the GPU waits for Python and
 the autograd engine to launch some 600-1,000 kernels (BENCHMARKS.md). A CUDA graph launches all of them at once.
 The models here can be recorded because their forward and backward passes never read a value back from the GPU
-(no `.item()`, no data-dependent shapes) when there are no global tokens; `transformers`' Reformer and Longformer
-cannot (their forward passes do).
+(no `.item()`, no data-dependent shapes; with global tokens, when the config bounds their count with
+`max_global_tokens`); `transformers`' Reformer and Longformer cannot (theirs copy from host memory or seed the
+generator).
 
     step = CapturedTrainingStep(model, {"input_ids": ids, "labels": labels}, autocast_dtype=torch.bfloat16)
     for batch in batches:                     # every batch of the same shapes and dtypes as the example
@@ -29,7 +30,6 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
-
 
 _WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -112,8 +112,8 @@ class CapturedTrainingStep:
                 first = first.__context__
             raise RuntimeError(
                 f"Recording the training step as a CUDA graph failed: {first}. The forward pass, loss and backward "
-                f"pass must not read values back from the GPU (`.item()`, data-dependent shapes such as global "
-                f"tokens), copy from host memory, or set generator states; run those steps eagerly. No graph of an "
+                f"pass must not read values back from the GPU (`.item()`, data-dependent shapes such as the "
+                f"number of global tokens: set `max_global_tokens` in the config), copy from host memory, or set generator states; run those steps eagerly. No graph of an "
                 f"eager step may be alive (a loss kept without .detach()).") from error
 
     def _run(self) -> torch.Tensor:

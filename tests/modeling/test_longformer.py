@@ -72,6 +72,7 @@ def ids(batch=2, length=23, seed=1):
     (dict(hidden_size=18), "`hidden_size`=18.*multiple of num_attention_heads=4"),
     (dict(max_position_embeddings=2), "`max_position_embeddings`=2.*pad_token_id \\+ 1 = 2"),
     (dict(hidden_dropout_prob=1.0), "`hidden_dropout_prob`=1.0"),
+    (dict(max_global_tokens=0), "`max_global_tokens`=0.*integer > 0"),
 ])
 def test_config_errors_name_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -168,6 +169,23 @@ def test_roberta_extension_copies_positions_and_keeps_outputs():
 
 
 # --- modeling ----------------------------------------------------------------------------------------------------
+
+def test_max_global_tokens_pads_the_global_tokens_to_a_fixed_count():
+    input_ids, mask, glob = padded_batch()  # rows with 1 and 3 global tokens
+    outputs = {}
+    for size in (None, 3, 5, 40):  # 40: more than the 23 tokens
+        model = tiny(LongformerStyleForMaskedLM, max_global_tokens=size).train()
+        torch.manual_seed(1)
+        out = model(input_ids, attention_mask=mask, global_attention_mask=glob, labels=input_ids)
+        out.loss.backward()
+        outputs[size] = (out.logits, [p.grad for p in model.parameters() if p.grad is not None])
+    for size in (3, 5, 40):
+        torch.testing.assert_close(outputs[size][0], outputs[None][0])
+        for got, want in zip(outputs[size][1], outputs[None][1], strict=True):
+            torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="more global tokens than max_global_tokens=2 \\(3\\)"):
+        tiny(max_global_tokens=2)(input_ids, attention_mask=mask, global_attention_mask=glob)
+
 
 def test_input_errors():
     model = tiny()

@@ -23,6 +23,10 @@ def _batch(kind: str, seed: int, device) -> dict:
         mask = torch.ones_like(ids)
         mask[1, 27:] = 0  # the second row is padded
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if kind == "longformer-global":  # 1 to 4 global tokens per row, different in each batch
+            batch["global_attention_mask"] = torch.zeros_like(ids)
+            for row in range(ids.shape[0]):
+                batch["global_attention_mask"][row, torch.randperm(20, generator=g)[:1 + (seed + row) % 4]] = 1
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -30,6 +34,7 @@ def _batch(kind: str, seed: int, device) -> dict:
 # No dropout and fixed LSH rotations, so that eager and recorded steps draw no different random numbers.
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 SETTINGS = {"longformer": {"hidden_size": 64}, "longformer-small-heads": {},
+            "longformer-global": {"hidden_size": 64, "max_global_tokens": 4},  # a fixed count can be recorded
             "reformer": {"attention_head_size": 16, "hash_seed": 0}, "reformer-small-heads": {"hash_seed": 0},
             "linformer": NO_DROPOUT}
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..cache import LayerStateCache
+from ..graph_capture import capturing
 from .dense import dense_attend, few_keys_dense_attend, few_queries_attend, full_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run
 from .masking import MASK_VALUE, merge_heads, split_heads
@@ -242,11 +243,21 @@ class GlobalTokens:
 
     global_mask (B, T) bool, restricted to real tokens (global_mask & padding_mask). ``index`` (B, G):
     positions of each row's global tokens in order, padded with arbitrary positions where ``valid`` (B, G) is
-    False. G is the largest number of global tokens in a row (may be 0)."""
+    False. G is the largest number of global tokens in a row (may be 0), read back from the GPU; or ``size``,
+    which no row may exceed: then nothing is read back (a CUDA graph can record it), and a row with more global
+    tokens is a ValueError, or while a graph records a device-side assertion (checked at every replay)."""
 
-    def __init__(self, global_mask: torch.Tensor):
+    def __init__(self, global_mask: torch.Tensor, size: int | None = None):
         count = global_mask.sum(dim=1)  # (B,)
-        num = int(count.max()) if global_mask.numel() else 0  # the one data-dependent size
+        if size is None:
+            num = int(count.max()) if global_mask.numel() else 0  # the one data-dependent size
+        else:
+            num = min(size, global_mask.shape[1])
+            message = f"a row has more global tokens than max_global_tokens={size}"
+            if capturing():
+                torch._assert_async((count <= size).all(), message)
+            elif global_mask.numel() and int(count.max()) > size:
+                raise ValueError(f"{message} ({int(count.max())}): raise `max_global_tokens` in the config.")
         # stable sort puts global positions first, in order
         self.index = torch.argsort((~global_mask).to(torch.int8), dim=1, stable=True)[:, :num]
         self.valid = torch.arange(num, device=global_mask.device) < count[:, None]
@@ -294,7 +305,7 @@ class SlidingWindowSelfAttention(nn.Module):
         order = [head for heads in groups.values() for head in heads]
         self.head_order = (None if order == list(range(num_heads))
                            else sorted(range(num_heads), key=order.__getitem__))  # inverse permutation of `order`
-        self._indices: dict[tuple, torch.Tensor] = {}  # `_index`
+        self._constants: dict[tuple, torch.Tensor] = {}  # `_on_device`
         for name in ("query", "key", "value", "query_global", "key_global", "value_global", "output"):
             setattr(self, name, nn.Linear(hidden_size, hidden_size, bias=bias))
         self.dropout = nn.Dropout(dropout)
@@ -317,22 +328,23 @@ class SlidingWindowSelfAttention(nn.Module):
             return attend(query, key, value, self.window, self.dilation[0], self.causal, key_ok)
         parts = []
         for d, heads in self.head_groups:
-            heads = heads if isinstance(heads, slice) else self._index(heads, query.device)
+            heads = heads if isinstance(heads, slice) else self._on_device(heads, query.device)
             parts.append(attend(query[:, heads], key[:, heads], value[:, heads], self.window, d, self.causal, key_ok))
         out, lse = (torch.cat([p[i] for p in parts], dim=1) for i in (0, 1))
         if self.head_order is not None:
-            order = self._index(self.head_order, out.device)
+            order = self._on_device(self.head_order, out.device)
             out, lse = out[:, order], lse[:, order]
         return out, lse
 
-    def _index(self, heads: list[int], device: torch.device) -> torch.Tensor:
-        """Head indices as a tensor on ``device``, made once per device: indexing by a Python list copies it from
-        host memory at every call, which a CUDA graph cannot record (`training.cuda_graph`). One made under
-        inference mode cannot be saved for a backward pass, so that mode is part of the key."""
-        key = (tuple(heads), str(device), torch.is_inference_mode_enabled())
-        if key not in self._indices:
-            self._indices[key] = torch.tensor(heads, device=device)
-        return self._indices[key]
+    def _on_device(self, values: list[int], device: torch.device) -> torch.Tensor:
+        """A list of ints (head indices, dilations) as a tensor on ``device``, made once per device: indexing by a
+        Python list, or `torch.tensor` of one, copies it from host memory at every call, which a CUDA graph cannot
+        record (`training.cuda_graph`). One made under inference mode cannot be saved for a backward pass, so that
+        mode is part of the key."""
+        key = (tuple(values), str(device), torch.is_inference_mode_enabled())
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(values, device=device)
+        return self._constants[key]
 
     def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None,
                 cache: LayerStateCache | None = None,
@@ -430,7 +442,7 @@ class SlidingWindowSelfAttention(nn.Module):
         offset = glob.index[:, None, None, :] - positions[:, None]  # (B, 1, T, G): key position - query position
         dilation = self.dilation[0]  # one for every head: the mask stays (B, 1, T, G)
         if len(self.head_groups) > 1:
-            dilation = torch.tensor(self.dilation, device=offset.device)[:, None, None]  # (H, 1, 1)
+            dilation = self._on_device(self.dilation, offset.device)[:, None, None]  # (H, 1, 1)
         before, after = (self.window, 0) if self.causal else (self.window // 2, self.window // 2)
         in_window = (offset % dilation == 0) & (offset >= -before * dilation) & (offset <= after * dilation)
         allowed = glob.valid[:, None, None, :] & ~in_window
