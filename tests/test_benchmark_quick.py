@@ -129,3 +129,15 @@ def test_graphed_contenders_compare_with_graphed_baselines_where_measured():
     assert versus["ours-longformer"]["flex"] == "flex-sliding"
     assert "flex-sliding+graph" not in versus  # not one of ours
     assert gs._order("ours-longformer") < gs._order("ours-longformer+graph") < gs._order("ours-longformer-global")
+
+
+def test_graphed_contenders_need_cuda_and_train_mode(tmp_path):
+    path = tmp_path / "graph.json"
+    out = _run("--quick", "--contenders", "ours-linformer+graph", "--lengths", "256", "--dtypes", "bf16",
+               "--modes", "train", "eval", "--json", str(path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    status = {r["mode"]: r["status"] for r in json.loads(path.read_text())["rows"]}
+    if torch.cuda.is_available():
+        assert status == {"train": "ok", "eval": "skipped (graphs: train only)"}, status
+    else:
+        assert status == {"train": "skipped (needs CUDA)", "eval": "skipped (needs CUDA)"}, status
