@@ -279,6 +279,24 @@ def test_compiled_windows_have_the_eager_gradient():
     torch.testing.assert_close(grads[1], grads[0])
 
 
+def test_heads_in_scattered_dilation_groups_compile_without_a_graph_break():
+    """Heads of one dilation that are not consecutive are gathered by index tensors kept per device; inside
+    torch.compile those are graph constants (a cache lookup broke the graph, after which inductor failed)."""
+    torch.manual_seed(0)
+    module = SlidingWindowSelfAttention(32, 4, 4, [1, 2, 1, 3])
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
+    grads = []
+    for forward in (module, compiled):
+        x.grad = None
+        out = forward(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), x.grad.clone()))
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 def test_compiled_module_gradients_equal_eager():
     """torch.compile (inductor) gives the eager gradients with padding and global tokens (the configuration whose
     key gradients came out wrong, through unfold on CPU and also otherwise on an H200: with global tokens the

@@ -340,7 +340,10 @@ class SlidingWindowSelfAttention(nn.Module):
         """A list of ints (head indices, dilations) as a tensor on ``device``, made once per device: indexing by a
         Python list, or `torch.tensor` of one, copies it from host memory at every call, which a CUDA graph cannot
         record (`training.cuda_graph`). One made under inference mode cannot be saved for a backward pass, so that
-        mode is part of the key."""
+        mode is part of the key. Inside torch.compile the tensor is a constant of the graph instead (the cache
+        lookup would break the graph)."""
+        if torch.compiler.is_compiling():
+            return torch.tensor(values, device=device)
         key = (tuple(values), str(device), torch.is_inference_mode_enabled())
         if key not in self._constants:
             self._constants[key] = torch.tensor(values, device=device)
