@@ -26,7 +26,7 @@ Contenders (`--contenders`; all by default):
                            buckets = the power of two nearest 2L/64, axial positions (two factors of L, dims 128+384)
   ours-longformer          LongformerStyleForMaskedLM, window 512 (256 each side), no global tokens
   ours-longformer-global   the same with the first 4 tokens global (`global_attention_mask`; the config's
-                           `max_global_tokens` = 4 from 2026-12-01 on, so their count is not read back)
+                           `max_global_tokens` = 4 from 2026-12-01 on, so that its step can be recorded)
   ours-longformer-dilated  the same, dilation 2 in half of the heads of every layer, 1 in the others
   ours-linformer           LinformerForMaskedLM, k = 256, one E and F per layer shared by its heads ("headwise",
                            as pkg-linformer), max_position_embeddings = L

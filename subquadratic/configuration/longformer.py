@@ -54,11 +54,12 @@ class LongformerStyleConfig(PretrainedConfig):
             and every later token attends to them), with their own query/key/value projections. Per call, pass
             `global_attention_mask` (batch, length), 1 for global tokens. `...ForSequenceClassification` defaults to
             the first token and `...ForQuestionAnswering` to the question (tokens before the first `sep_token_id`).
-        max_global_tokens (`int`, optional): the most global tokens a row of a batch has. None: the number is read
-            from the mask at each forward pass (one read-back from the GPU). A number: global tokens are padded to
-            it without reading anything back, so a training step with global tokens can be recorded as a CUDA graph
-            (`subquadratic.training.cuda_graph`); a row with more is an error (a `ValueError` in eager calls, a
-            device-side assertion in a recorded step).
+        max_global_tokens (`int`, optional): the most global tokens a row of a batch has. None: the tensors of the
+            global tokens are sized by the largest count in the batch, read back from the GPU at each forward
+            pass. A number: they are sized by it, so a training step with global tokens can be recorded as a CUDA
+            graph (`subquadratic.training.cuda_graph`), where nothing may be read back. A row with more is an
+            error: a `ValueError` in eager calls (which still read the count back to check it) and from
+            `CapturedTrainingStep` before a replay; a device-side assertion inside a graph recorded otherwise.
         is_decoder (`bool`, defaults to False): causal (autoregressive) attention. `...ForCausalLM` needs True,
             `...ForMaskedLM` needs False.
         max_position_embeddings (`int`, defaults to 4098): rows of the position embedding table. As in RoBERTa,

@@ -15,12 +15,14 @@ generator).
 
 What a graph fixes at recording time, and what therefore must not change between steps: the batch's keys, shapes
 and dtypes (a new length needs a new `CapturedTrainingStep`), the parameters' and gradients' storage (update them
-in place, as optimizers do; do not set gradients to None or move the model), and the mode (train/eval) and
-settings of the model. No autograd graph of an eager step may be alive while the step records (a loss kept
-without `.detach()`): its parameters' gradient-accumulation nodes would be reused, with the default stream they ran
-on, which a recording cannot depend on. A padding mask stays in the graph even when a batch has no padding. Attention dropout is
-recorded too (the generator advances at each replay), except in reversible layers, whose backward pass must replay
-the forward pass's random numbers from the host: a Reformer with active dropout is refused.
+in place, as optimizers do; do not set gradients to None or move the model; both are checked at each call), and
+the mode (train/eval) and settings of the model. No autograd graph of an eager step may be alive while the step
+records (a loss kept without `.detach()`): its parameters' gradient-accumulation nodes would be reused, with the
+default stream they ran on, which a recording cannot depend on. A padding mask stays in the graph even when a
+batch has no padding. Attention dropout is recorded too (the generator advances at each replay; the warm-up steps
+before the recording give back the random numbers they drew), except in reversible layers, whose backward pass
+must replay the forward pass's random numbers from the host: a Reformer with active dropout is refused. A batch
+with more global tokens in a row than the model's `max_global_tokens` is refused before the replay.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
+
+from ..modeling.attention.flex import cached_block_masks
 
 _WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -91,6 +95,9 @@ class CapturedTrainingStep:
         # eagerly). The recorded backward pass then adds into the .grad tensors they leave, as loss.backward()
         # does; the warm-up's gradients are taken back out.
         before = {p: None if p.grad is None else p.grad.clone() for p in parameters}
+        # nor do they use up random numbers: the recording starts from the generators' states of before them, so
+        # a run that records after resuming draws what an uninterrupted one draws
+        random_states = torch.get_rng_state(), torch.cuda.get_rng_state(device)
         stream = _warmup_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -102,6 +109,9 @@ class CapturedTrainingStep:
             for p in self.parameters:
                 p.grad.zero_() if before[p] is None else p.grad.copy_(before[p])
         self.grads = [p.grad for p in self.parameters]
+        self.storage = [p.data_ptr() for p in self.parameters]
+        torch.set_rng_state(random_states[0])
+        torch.cuda.set_rng_state(random_states[1], device)
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph):
@@ -113,8 +123,13 @@ class CapturedTrainingStep:
             raise RuntimeError(
                 f"Recording the training step as a CUDA graph failed: {first}. The forward pass, loss and backward "
                 f"pass must not read values back from the GPU (`.item()`, data-dependent shapes such as the "
-                f"number of global tokens: set `max_global_tokens` in the config), copy from host memory, or set generator states; run those steps eagerly. No graph of an "
-                f"eager step may be alive (a loss kept without .detach()).") from error
+                f"number of global tokens: set `max_global_tokens` in the config), copy from host memory, or set "
+                f"generator states; run those steps eagerly. No graph of an eager step may be alive (a loss kept "
+                f"without .detach()).") from error
+        # The graph reads the block masks the FlexAttention paths built before it (the warm-up) by address, but
+        # holds no reference to them: it keeps the cached ones alive itself, or their cache could free them.
+        self.block_masks = cached_block_masks()
+        self.max_global_tokens = getattr(getattr(model, "config", None), "max_global_tokens", None)
 
     def _run(self) -> torch.Tensor:
         precision = (contextlib.nullcontext() if self.autocast_dtype is None
@@ -134,15 +149,27 @@ class CapturedTrainingStep:
                        else type(value).__name__)
                 raise ValueError(f"batch[{name!r}] is {got}; this step was recorded with {tuple(recorded.shape)} "
                                  f"{recorded.dtype} (a new shape needs a new CapturedTrainingStep).")
+        mask = batch.get("global_attention_mask")
+        if mask is not None and self.max_global_tokens is not None:
+            # checked here, where it is a ValueError: inside the graph it is a device-side assertion, after which
+            # the process's CUDA context is lost
+            most = int(mask.ne(0).sum(dim=-1).max()) if mask.numel() else 0
+            if most > self.max_global_tokens:
+                raise ValueError(f"batch['global_attention_mask'] has a row with {most} global tokens; the model's "
+                                 f"config allows max_global_tokens={self.max_global_tokens}.")
 
     def __call__(self, batch: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         if batch is not None:
             self._check_batch(batch)
             for name, value in batch.items():
                 self.batch[name].copy_(value, non_blocking=True)
-        for p, g in zip(self.parameters, self.grads):
+        for p, g, storage in zip(self.parameters, self.grads, self.storage):
             if p.grad is not g:
                 raise RuntimeError("A parameter's .grad is no longer the tensor the recorded step writes into (set to "
                                    "None or replaced): zero gradients with `zero_grad(set_to_none=False)`.")
+            if p.data_ptr() != storage:
+                raise RuntimeError("A parameter's storage is no longer the one the recorded step reads (the model "
+                                   "was moved, cast or loaded with assign=True): update parameters in place, or "
+                                   "record a new step.")
         self.graph.replay()
         return self.loss

@@ -315,24 +315,29 @@ class Run:
     def recorded_step(self, batches) -> float:
         """One optimizer step whose micro-batches replay the recorded graph (`cuda_graph`); returns their mean
         loss. The graph adds each micro-batch's gradients (of its loss / gradient_accumulation_steps) into the
-        parameters' .grad, which are zeroed in place after the update."""
+        parameters' .grad, which are zeroed in place after the update. Always gradient_accumulation_steps
+        micro-batches per step, across epoch boundaries too (the eager branch lets accelerate also step at an
+        epoch's last micro-batch)."""
         cfg, steps = self.cfg, self.cfg.gradient_accumulation_steps
-        total = 0.0
+        total = None
         for _ in range(steps):
             batch = next(batches)
             if self.graph is None:
+                # The model without accelerate's autocast wrapper, whose cast cache must be off while recording:
+                # this takes the wrapper off the model for the rest of the run (evaluation runs under
+                # `accelerator.autocast()` itself, and the recording under its own autocast).
                 self.graph = CapturedTrainingStep(
-                    # without accelerate's autocast wrapper, whose cast cache must not be on while recording
                     self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False), batch,
                     compute_loss=lambda model, b: model(**b).loss / steps,
                     autocast_dtype=torch.bfloat16 if cfg.mixed_precision == "bf16" else None)
-            total += self.graph(batch).item()
+            loss = self.graph(batch)
+            total = loss.clone() if total is None else total + loss  # before the next replay overwrites it
         if cfg.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=False)
-        return total
+        return total.item()
 
     def out_of_time(self, deadline: float | None) -> bool:
         """Whether the wall-clock budget is spent, decided by the main process so that all stop together."""

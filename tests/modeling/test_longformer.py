@@ -170,21 +170,26 @@ def test_roberta_extension_copies_positions_and_keeps_outputs():
 
 # --- modeling ----------------------------------------------------------------------------------------------------
 
-def test_max_global_tokens_pads_the_global_tokens_to_a_fixed_count():
+@pytest.mark.parametrize("no_global_tokens", [False, True])
+def test_max_global_tokens_pads_the_global_tokens_to_a_fixed_count(no_global_tokens):
     input_ids, mask, glob = padded_batch()  # rows with 1 and 3 global tokens
+    if no_global_tokens:
+        glob = torch.zeros_like(glob)
+    real = mask.bool()
+    labels = input_ids.masked_fill(~real, -100)  # outputs at padding positions may differ; they carry no loss
     outputs = {}
     for size in (None, 3, 5, 40):  # 40: more than the 23 tokens
         model = tiny(LongformerStyleForMaskedLM, max_global_tokens=size).train()
-        torch.manual_seed(1)
-        out = model(input_ids, attention_mask=mask, global_attention_mask=glob, labels=input_ids)
+        out = model(input_ids, attention_mask=mask, global_attention_mask=glob, labels=labels)
         out.loss.backward()
-        outputs[size] = (out.logits, [p.grad for p in model.parameters() if p.grad is not None])
+        outputs[size] = (out.logits[real], [p.grad for p in model.parameters() if p.grad is not None])
     for size in (3, 5, 40):
         torch.testing.assert_close(outputs[size][0], outputs[None][0])
         for got, want in zip(outputs[size][1], outputs[None][1], strict=True):
             torch.testing.assert_close(got, want)
-    with pytest.raises(ValueError, match="more global tokens than max_global_tokens=2 \\(3\\)"):
-        tiny(max_global_tokens=2)(input_ids, attention_mask=mask, global_attention_mask=glob)
+    if not no_global_tokens:
+        with pytest.raises(ValueError, match="more global tokens than max_global_tokens=2 \\(3\\)"):
+            tiny(max_global_tokens=2)(input_ids, attention_mask=mask, global_attention_mask=glob)
 
 
 def test_input_errors():

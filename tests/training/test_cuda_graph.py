@@ -83,10 +83,10 @@ def test_replays_equal_the_eager_step(kind, dtype):
     assert all(not g.any() for g in _grads(model))  # the warm-up steps' gradients are discarded
     tolerance = {} if dtype is None else {"rtol": 2e-2, "atol": 2e-3}
     torch.testing.assert_close(step(second), expected_loss.detach(), **tolerance)
-    for got, want in zip(_grads(model), expected):
+    for got, want in zip(_grads(model), expected, strict=True):
         torch.testing.assert_close(got, want, **tolerance)
     step()  # the same batch again: gradients add up, as with loss.backward()
-    for got, want in zip(_grads(model), expected):
+    for got, want in zip(_grads(model), expected, strict=True):
         torch.testing.assert_close(got, 2 * want, **tolerance)
     model.zero_grad(set_to_none=False)
     step(first)
@@ -94,11 +94,33 @@ def test_replays_equal_the_eager_step(kind, dtype):
 
 
 @cuda_only
-def test_dropout_draws_new_numbers_at_each_replay():
+def test_dropout_draws_new_numbers_at_each_replay_and_the_warmup_gives_them_back():
     model = _model("linformer", hidden_dropout_prob=0.2).cuda().train()
-    step = CapturedTrainingStep(model, _batch("linformer", 0, "cuda"))
+    batch = _batch("linformer", 0, "cuda")
+    torch.manual_seed(5)
+    eager = model(**batch).loss.item()  # the first step's dropout masks, from seed 5
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    step = CapturedTrainingStep(model, batch)
     losses = [step().item() for _ in range(3)]
     assert len(set(losses)) == 3, losses  # the same batch, new dropout masks
+    assert losses[0] == pytest.approx(eager, rel=1e-5)  # the recording starts where the warm-up started
+
+
+@cuda_only
+def test_too_many_global_tokens_and_replaced_parameters_are_refused():
+    model = _model("longformer-global").cuda().train()
+    batch = _batch("longformer-global", 0, "cuda")
+    step = CapturedTrainingStep(model, batch)
+    crowded = {**batch, "global_attention_mask": batch["global_attention_mask"].clone()}
+    crowded["global_attention_mask"][0, :5] = 1
+    with pytest.raises(ValueError, match=r"a row with [56] global tokens.*max_global_tokens=4"):
+        step(crowded)
+    step(batch)  # still usable
+    parameter = next(model.parameters())
+    parameter.data = parameter.data.clone()
+    with pytest.raises(RuntimeError, match="storage"):
+        step(batch)
 
 
 @cuda_only

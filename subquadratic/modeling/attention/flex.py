@@ -153,6 +153,11 @@ def cached_block_mask(key: Hashable, mask_mod: Callable, batch: int | None, head
     return mask
 
 
+def cached_block_masks() -> list:
+    """The block masks in the cache now (a CUDA graph that read them keeps them alive with this)."""
+    return list(_BLOCK_MASKS.values())
+
+
 _MASK_CHUNK_ELEMENTS = 1 << 24  # mask entries evaluated at once by build_block_mask (bounds its memory)
 
 
