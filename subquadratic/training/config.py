@@ -62,7 +62,8 @@ class TrainConfig:
         cuda_graph: record a micro-batch's forward and backward pass as one CUDA graph at the first step and replay
             it (`subquadratic.training.cuda_graph`): for sequences short enough that an eager step waits on the
             host launching kernels (16K tokens and below, BENCHMARKS.md). One GPU and one process; mixed_precision
-            `no` or `bf16`; global tokens only with the model config's `max_global_tokens`, and no Reformer with dropout.
+            `no` or `bf16`; global tokens only with the model config's `max_global_tokens`; no Reformer with
+            dropout.
         num_workers: DataLoader workers.
         push_to_hub: a hub repository id (`user/name`) to upload the `model/` folder to at the end (needs
             `hf auth login` or HF_TOKEN; checked before training starts).

@@ -141,7 +141,8 @@ class CapturedTrainingStep:
 
     def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
         if set(batch) != set(self.batch):
-            raise ValueError(f"The batch has the keys {sorted(batch)}; this step was recorded with {sorted(self.batch)}.")
+            raise ValueError(f"The batch has the keys {sorted(batch)}; this step was recorded with "
+                             f"{sorted(self.batch)}.")
         for name, value in batch.items():
             recorded = self.batch[name]
             if not isinstance(value, torch.Tensor) or value.shape != recorded.shape or value.dtype != recorded.dtype:

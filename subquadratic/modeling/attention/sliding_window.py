@@ -256,8 +256,8 @@ class GlobalTokens:
             message = f"a row has more global tokens than max_global_tokens={size}"
             if capturing():
                 torch._assert_async((count <= size).all(), message)
-            elif global_mask.numel() and int(count.max()) > size:
-                raise ValueError(f"{message} ({int(count.max())}): raise `max_global_tokens` in the config.")
+            elif global_mask.numel() and (most := int(count.max())) > size:
+                raise ValueError(f"{message} ({most}): raise `max_global_tokens` in the config.")
         # stable sort puts global positions first, in order
         self.index = torch.argsort((~global_mask).to(torch.int8), dim=1, stable=True)[:, :num]
         self.valid = torch.arange(num, device=global_mask.device) < count[:, None]
