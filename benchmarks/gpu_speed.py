@@ -315,12 +315,11 @@ def build_sdpa(name: str, seq_len: int):
     return model, lambda: _mlm_loss(model(ids), labels)
 
 
-class NeedsCuda(Exception):
-    pass
-
-
 class Unsupported(Exception):
     """A case this contender does not run; the message is the row's status."""
+
+
+NEEDS_CUDA = "skipped (needs CUDA)"
 
 
 _FLEX = {}  # the compiled flex_attention and the block masks, by (length, half window, device)
@@ -357,7 +356,7 @@ def sliding_block_mask(seq_len: int):
 
 def build_flex(name: str, seq_len: int):
     if DEVICE.type != "cuda" and not FLEX_ON_CPU:
-        raise NeedsCuda
+        raise Unsupported(NEEDS_CUDA)
     flex, block_mask = _flex(), sliding_block_mask(seq_len)
 
     def attend(q, k, v):
@@ -455,6 +454,11 @@ def contender_names() -> list[str]:
     return [*CONTENDERS, *(name + GRAPH for name in CONTENDERS)]
 
 
+def measured_comparisons(rows: list[dict]) -> dict[str, dict[str, str]]:
+    """`comparisons` of the contenders that measured a speed in ``rows``."""
+    return comparisons({r["contender"] for r in rows if r["tokens_per_s"]})
+
+
 def comparisons(measured) -> dict[str, dict[str, str]]:
     """ours -> {column: contender} for every one of ours in ``measured`` (contender names): COMPARE, and for a
     graphed one of ours each column's graphed contender where that was measured, else the eager one."""
@@ -517,7 +521,7 @@ def run_case(name: str, length: int, dtype: str, mode: str, warmup: int, repeats
 
     graphed, name = name.endswith(GRAPH), base_name(name)
     if graphed and (not cuda or not train):
-        raise Unsupported("skipped (needs CUDA)" if not cuda else "skipped (graphs: train only)")
+        raise Unsupported(NEEDS_CUDA if not cuda else "skipped (graphs: train only)")
     set_fast_paths(FORCED_PATHS.get(name))  # None: each mechanism's own default
     model, loss_fn = CONTENDERS[name](name, length)
     model.train(train)
@@ -635,8 +639,6 @@ def run_all(args, environment: dict) -> list[dict]:
                 _SIGNAL["in_case"] = False
                 if row.pop("slow"):
                     slow.append((name, length, dtype, mode))
-            except NeedsCuda:
-                row["status"] = "skipped (needs CUDA)"
             except Unsupported as reason:
                 row["status"] = str(reason)
             except Interrupted:
@@ -685,7 +687,7 @@ def _lookup(rows: list[dict]) -> dict:
 
 def ratios(rows: list[dict]) -> list[dict]:
     table, out = _lookup(rows), []
-    for ours, versus in comparisons({r["contender"] for r in rows if r["tokens_per_s"]}).items():
+    for ours, versus in measured_comparisons(rows).items():
         for (name, length, dtype, mode), row in table.items():
             if name != ours or not (row["tokens_per_s"] or row["status"] == "OOM"):
                 continue
@@ -709,7 +711,7 @@ def _ratio(ours: dict, theirs: dict) -> float | str | None:
 
 def crossovers(rows: list[dict], dtype: str = "bf16", mode: str = "train") -> dict:
     table, out = _lookup(rows), {}
-    for ours, versus in comparisons({r["contender"] for r in rows if r["tokens_per_s"]}).items():
+    for ours, versus in measured_comparisons(rows).items():
         lengths = sorted(n for (c, n, d, m) in table if c == ours and d == dtype and m == mode)
         if not lengths:
             continue
@@ -817,7 +819,7 @@ def report(rows: list[dict], environment: dict) -> str:
     entries = [e for e in ratios(rows) if e["dtype"] == "bf16" and e["mode"] == "train" and e["vs"]]
     if entries:
         lines += ["", "ratios, train bf16 (ours tok/s / theirs; inf: only theirs ran out of memory)", ""]
-        for ours, versus in comparisons({r["contender"] for r in rows if r["tokens_per_s"]}).items():
+        for ours, versus in measured_comparisons(rows).items():
             if any(e["model"] == ours for e in entries):
                 lines.append(f"- {ours}: " + ", ".join(f"{c} = {n}" for c, n in versus.items()))
         lines += ["", "| ours | tokens | " + " | ".join(f"vs {c}" for c in COLUMNS) + " |",
