@@ -466,7 +466,7 @@ class SlidingWindowSelfAttention(nn.Module):
         new_global = torch.zeros(query.shape[0], q_len, dtype=torch.bool, device=query.device)
         is_global = cache.append(self.layer_idx, "global", new_global, seq_dim=1)  # (B, T)
         t = key.shape[2]
-        dilations = torch.tensor(self.dilation, device=query.device)[:, None, None]  # (H, 1, 1)
+        dilations = self._on_device(self.dilation, query.device)[:, None, None]  # (H, 1, 1)
         positions = torch.arange(t, device=query.device)
         offset = positions[t - q_len:, None] - positions[None, :]  # (Q, T): how far back each key is
         in_window = (offset >= 0) & (offset <= self.window * dilations) & (offset % dilations == 0)
