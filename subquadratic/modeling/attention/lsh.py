@@ -241,7 +241,7 @@ def lsh_attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     does for these positions: own bucket, not later, at most ``chunk_length`` bucket-mates back."""
     t, q_len = key.shape[2], query.shape[2]
     positions = torch.arange(t, device=query.device)
-    slots = (buckets * t + positions).argsort(dim=-1).argsort(dim=-1)  # (B, H, R, T): slot in the sorted order
+    _, slots = _sort_order(buckets)  # (B, H, R, T): slot of each position in the sorted order
     q_slots, q_bucket = slots[..., t - q_len:], buckets[..., t - q_len:]
     q_pos = positions[t - q_len:]
     allowed = ((q_bucket[..., :, None] == buckets[..., None, :])
