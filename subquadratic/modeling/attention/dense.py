@@ -62,7 +62,10 @@ def few_queries_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         return dense_attend(query, key, value, allowed, scale, dropout)
     n = -(-k // chunk)
     extra = n * chunk - k
-    key, value = (torch.nn.functional.pad(x, (0, 0, 0, extra)).view(b, h, n, chunk, d) for x in (key, value))
+    def in_chunks(x):  # (B, H, K, D) -> (B, H, n, chunk, D), padded with zeros
+        return (torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra else x).reshape(b, h, n, chunk, d)
+
+    key, value = (in_chunks(key), in_chunks(value)) if value is not key else (in_chunks(key),) * 2
     allowed = torch.nn.functional.pad(allowed, (0, extra), value=False)
     scores = torch.matmul(query[:, :, None], key.transpose(-1, -2))  # (B, H, n, Q, chunk)
     scores = scores.transpose(2, 3).reshape(b, h, q, n * chunk) * scale

@@ -27,13 +27,15 @@ def anything_watching(m: nn.Module) -> bool:
     return any(own) or any(global_hooks)
 
 
-def project(hidden_states: torch.Tensor, linears: list[nn.Module]) -> list[torch.Tensor]:
+def project(hidden_states: torch.Tensor, linears: list[nn.Module], few_rows: bool = False) -> list[torch.Tensor]:
     """[linear(hidden_states) for linear in linears], as one product where every map is a plain `nn.Linear` (no
     hooks, wrappers or offloading) with the same bias setting and the input has enough rows; otherwise each
-    module is called."""
+    module is called. ``few_rows``: one product for inputs with fewer rows too, where kernel launches, not the
+    weights' copy, cost the time (a training step's few global tokens: under autocast, three maps called one by
+    one cast their input, weight and bias each)."""
     rows = hidden_states.numel() // max(1, hidden_states.shape[-1])
     if (len(linears) < 2 or any(anything_watching(m) for m in linears) or len({m.bias is None for m in linears}) > 1
-            or rows < sum(m.out_features for m in linears)):
+            or (rows < sum(m.out_features for m in linears) and not few_rows)):
         return [m(hidden_states) for m in linears]
     weight = torch.cat([m.weight for m in linears])
     bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
