@@ -139,6 +139,12 @@ def test_empty_global_mask_equals_no_global_mask_with_gradients():
     torch.testing.assert_close(grad_a, grad_b)
 
 
+def parameter_grads(module) -> list[torch.Tensor]:
+    """Every parameter's gradient, zeros for None: the global key map's bias gets none, its exact gradient being
+    zero (see `SlidingWindowSelfAttention._global_queries`)."""
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
+
+
 @pytest.mark.parametrize("key_chunk,query_block", [(None, None), (4, None), (None, 4)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients_match_brute_force(key_chunk, query_block, causal, monkeypatch):
@@ -156,7 +162,7 @@ def test_gradients_match_brute_force(key_chunk, query_block, causal, monkeypatch
                lambda: brute_force(module, x, padding, glob)):
         module.zero_grad()
         fn()[padding].pow(2).sum().backward()
-        grads.append([p.grad.clone() for p in module.parameters()])
+        grads.append(parameter_grads(module))
     for got, expected in zip(*grads):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
@@ -248,6 +254,30 @@ def test_hooked_key_and_value_maps_run_once_per_call_with_the_same_result():
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_global_maps_folded_into_the_queries_equal_the_maps_applied_to_every_token(causal):
+    """Plain global key and value maps are folded into the few global queries (`_global_queries`); hooked ones
+    are applied to every token as written. Same outputs and gradients (the key map's bias gets none folded: its
+    exact gradient is zero, and the applied maps give it only rounding)."""
+    module = make(4, [1, 2, 1, 2], causal=causal)
+    x, padding, glob = inputs(2, 12, pad_from=9, global_at=[(0, 0), (0, 5), (1, 7)])
+    x.requires_grad_(True)
+    results, calls = [], []
+    for hooked in (False, True):
+        if hooked:
+            for linear in (module.key_global, module.value_global):
+                linear.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+        module.zero_grad()
+        x.grad = None
+        out = module(x, padding_mask=padding, global_mask=glob)
+        (out[padding] * torch.linspace(-1, 1, HIDDEN)).sum().backward()
+        results.append([out[padding].detach(), x.grad.clone()] + parameter_grads(module))
+    assert calls == [x.shape, x.shape]
+    assert module.key_global.bias.grad.abs().max() < 1e-6
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_put_rows_writes_the_valid_rows_with_gradients():
     """Rows land at their positions where valid, padded slots leave x as it was; gradients as for the same
     result built out of place."""
@@ -316,7 +346,7 @@ def test_compiled_module_gradients_equal_eager():
         x.grad = None
         out = forward(x, padding_mask=padding, global_mask=glob)
         (out[padding] * weight[padding]).sum().backward()
-        results.append([out[padding].detach(), x.grad.clone()] + [p.grad.clone() for p in module.parameters()])
+        results.append([out[padding].detach(), x.grad.clone()] + parameter_grads(module))
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 

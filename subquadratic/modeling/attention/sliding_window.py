@@ -37,7 +37,9 @@ from torch import nn
 from ..cache import LayerStateCache
 from ..graph_capture import capturing
 from .dense import dense_attend, few_keys_dense_attend, few_queries_attend, full_attend
-from .flex import cached_block_mask, flex_attention, flex_can_run
+from .flex import cached_block_mask, flex_attention, flex_can_run, use_fast_path
+from .global_keys_kernel import kernel_available, merge_global_keys
+from .global_queries_kernel import global_queries_attend
 from .masking import MASK_VALUE, merge_heads, split_heads
 from .projections import anything_watching, project
 
@@ -419,24 +421,78 @@ class SlidingWindowSelfAttention(nn.Module):
         if anything_watching(self.key) or anything_watching(self.value):
             g_key, g_value, g_query = glob.gather(key), glob.gather(value), heads(self.query_global(g_hidden))
         else:
-            g_key, g_value, g_query = map(heads, project(g_hidden, [self.key, self.value, self.query_global]))
-        # Every query also attends to the global keys outside its window (ordinary projections): (B, H, T, G).
-        # The mask is the same for every layer with these settings; one built under inference mode could not be
-        # saved for a backward pass, so that mode is part of the key.
-        settings = (self.window, tuple(self.dilation), self.causal, t, torch.is_inference_mode_enabled())
-        if settings not in glob.key_masks:
-            glob.key_masks[settings] = self._global_key_mask(glob, t)
-        out_g, lse_g = few_keys_dense_attend(query, g_key, g_value, glob.key_masks[settings], scale, self.dropout)
-        out = combine_softmax(out, lse, out_g, lse_g)
-        # Global queries attend to every real key with the global projections: (B, H, G, T) scores.
-        g_key, g_value = (split_heads(x, h)  # (B, H, T, D)
-                          for x in project(hidden_states, [self.key_global, self.value_global]))
-        allowed = real[:, None, None, :]  # (B, 1, 1, T)
-        if self.causal:
-            allowed = allowed & (torch.arange(t, device=real.device) <= glob.index[:, None, :, None])
-        g_out, _ = few_queries_attend(g_query, g_key, g_value, allowed, scale, self.dropout)
+            rows = project(g_hidden, [self.key, self.value, self.query_global], few_rows=True)
+            g_key, g_value, g_query = map(heads, rows)
+        # Every query also attends to the global keys outside its window (ordinary projections)
+        if self._global_kernels_run(query):
+            before, after = (self.window, 0) if self.causal else (self.window // 2, self.window // 2)
+            dilation = self._on_device(self.dilation, query.device)
+            out = merge_global_keys(query, out, lse, g_key, g_value, glob.index, glob.valid, dilation, before, after,
+                                    self.causal, scale)
+        else:
+            # (B, H, T, G) scores. The mask is the same for every layer with these settings; one built under
+            # inference mode could not be saved for a backward pass, so that mode is part of the key.
+            settings = (self.window, tuple(self.dilation), self.causal, t, torch.is_inference_mode_enabled())
+            if settings not in glob.key_masks:
+                glob.key_masks[settings] = self._global_key_mask(glob, t)
+            out_g, lse_g = few_keys_dense_attend(query, g_key, g_value, glob.key_masks[settings], scale,
+                                                 self.dropout)
+            out = combine_softmax(out, lse, out_g, lse_g)
+        # Global queries attend to every real key with the global projections.
+        g_out = self._global_queries(hidden_states, g_query, key_ok, glob, scale)
         # Each global token takes its row of g_out, written at its position (positions are unique)
         return put_rows(out, g_out, glob.index, glob.valid)
+
+    def _global_kernels_run(self, tensor: torch.Tensor) -> bool:
+        """Whether the global parts run as Triton kernels (`global_keys_kernel`, `global_queries_kernel`): on
+        CUDA with fast paths on (see `flex.use_fast_path`) and no attention dropout active."""
+        dropout_active = self.dropout.training and self.dropout.p > 0
+        return not dropout_active and kernel_available(tensor) and use_fast_path(tensor, flex=False)
+
+    def _global_queries(self, hidden_states, g_query, key_ok, glob: GlobalTokens, scale) -> torch.Tensor:
+        """The global queries' attention over every real (and, when causal, not later) key with the global key
+        and value maps: g_query (B, H, G, D), key_ok (B, T) bool or None (no padding). Returns (B, H, G, D).
+
+        The maps are folded into the G queries instead of applied to the T tokens: with the head's rows W_k, b_k
+        and W_v, b_v of the maps, q . (W_k x_t + b_k) = (q W_k) . x_t + q . b_k, whose last term is the same for
+        every key and leaves the softmax unchanged (its exact gradient is zero, and b_k gets none), and
+        sum_t p_t (W_v x_t + b_v) = W_v (sum_t p_t x_t) + b_v. So the scores are (G, hidden) queries against the
+        inputs themselves: the (T, 2 * hidden) projection of every token, its backward and the (T, hidden) keys
+        and values kept for it are not needed. A map that does more than its weights (see `anything_watching`)
+        is applied to every token as written."""
+        b, h, num, d_head = g_query.shape
+        t, hidden = hidden_states.shape[1:]
+        if self._global_kernels_run(hidden_states) and not (anything_watching(self.key_global)
+                                                             or anything_watching(self.value_global)):
+            folded = torch.matmul(g_query, self.key_global.weight.view(h, d_head, hidden))  # (B, H, G, hidden)
+            # the inputs are read as they are, in their own dtype
+            mixed = global_queries_attend(folded.reshape(b, h * num, hidden), hidden_states, key_ok, glob.index,
+                                          self.causal, scale)
+            return self._global_values(mixed.view(b, h, num, hidden))
+        allowed = torch.ones(b, t, dtype=torch.bool, device=g_query.device) if key_ok is None else key_ok
+        allowed = allowed[:, None, None, :]  # (B, 1, 1, T)
+        if self.causal:
+            allowed = allowed & (torch.arange(t, device=g_query.device) <= glob.index[:, None, :, None])
+        if anything_watching(self.key_global) or anything_watching(self.value_global):
+            g_key, g_value = (split_heads(x, h)  # (B, H, T, D)
+                              for x in project(hidden_states, [self.key_global, self.value_global]))
+            return few_queries_attend(g_query, g_key, g_value, allowed, scale, self.dropout)[0]
+        folded = torch.matmul(g_query, self.key_global.weight.view(h, d_head, hidden))  # (B, H, G, hidden)
+        device = hidden_states.device.type
+        if torch.is_autocast_enabled(device):  # cast once for both products (autocast would cast for each)
+            hidden_states = hidden_states.to(torch.get_autocast_dtype(device))
+        inputs = hidden_states[:, None]  # (B, 1, T, hidden): keys and values alike
+        allowed = allowed.expand(b, h, num, t).reshape(b, 1, h * num, t)
+        mixed, _ = few_queries_attend(folded.reshape(b, 1, h * num, hidden), inputs, inputs, allowed, scale,
+                                      self.dropout)
+        return self._global_values(mixed.view(b, h, num, hidden))
+
+    def _global_values(self, mixed: torch.Tensor) -> torch.Tensor:
+        """(B, H, G, hidden) probability-weighted inputs -> (B, H, G, D) through the global value map's heads."""
+        h, d_head = self.num_heads, self.value_global.out_features // self.num_heads
+        w_value = self.value_global.weight.view(h, d_head, -1)
+        g_out = torch.matmul(mixed, w_value.transpose(1, 2))
+        return g_out if self.value_global.bias is None else g_out + self.value_global.bias.view(h, 1, d_head)
 
     def _global_key_mask(self, glob: GlobalTokens, length: int) -> torch.Tensor:
         """(B, 1 or H, T, G) bool: which global keys each query attends to outside its window (and, when causal,

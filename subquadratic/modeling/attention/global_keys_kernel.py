@@ -1,0 +1,218 @@
+"""Every query's part over a few global keys, merged with its window's result, in one Triton kernel on CUDA.
+
+`sliding_window._with_global_tokens` gives each query the global keys outside its window as a second softmax part:
+readably, a (T, G) mask, `dense.few_keys_dense_attend` over the G keys and `combine_softmax` with the window's
+(out, lse). That is a few dozen small kernels per layer in each direction, each a pass over (B, H, T, D), and on
+an H200 it was most of the 20 ms that 4 global tokens added to a 64K training step. Here one forward kernel reads
+each block of queries with the window's result and writes the merged output and its log-sum-exp, and one backward
+kernel writes the gradients of the queries, of the window's output and log-sum-exp, and per block partial sums
+of the few keys' and values' gradients (added up by one sum).
+
+For query t and global key g (position p_g, valid when the row has that many global tokens) the pair counts when
+the key lies outside the query's window, offset o = p_g - t: not (o % d == 0 and -before * d <= o <= after * d)
+for the head's dilation d, and, when causal, o <= 0. With s_g = q . k_g * scale over the allowed keys and the
+window's log-sum-exp l_w:
+
+    L = log(exp(l_w) + sum_g exp(s_g)),  out = exp(l_w - L) out_w + sum_g exp(s_g - L) v_g
+
+(the joint softmax). Backward, with g the output's gradient and delta = g . out:
+    d out_w = exp(l_w - L) g,  d l_w = exp(l_w - L) (g . out_w - delta),
+    d s_g = P_g (g . v_g - delta),  dq = scale sum_g d s_g k_g,  dk_g = scale sum_t d s_g q_t,  dv_g = sum_t P_g g_t.
+The output is recomputed in backward from L (saved, one fp32 number per query), so nothing of size (T, D) is
+kept beyond what the window's own backward keeps. No dropout: callers take the readable path when it is active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs have no Triton; the readable path runs there
+    triton = None
+
+
+def kernel_available(query: torch.Tensor) -> bool:
+    """Whether the merged global-key kernel can run on ``query`` (CUDA tensors with Triton installed)."""
+    return triton is not None and query.is_cuda
+
+
+if triton is not None:
+
+    @triton.jit
+    def _allowed(offs_t, pos, valid, dil, before, after, CAUSAL: tl.constexpr):
+        """(BLOCK_T, BLOCK_G) bool: query t may attend global key g outside its window."""
+        offset = pos[None, :] - offs_t[:, None]
+        in_window = (offset % dil == 0) & (offset >= -before * dil) & (offset <= after * dil)
+        ok = valid[None, :] & (in_window == 0)
+        if CAUSAL:
+            ok = ok & (offset <= 0)
+        return ok
+
+    @triton.jit
+    def _load_block(q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, pid_bh, pid_t, heads, length, num_global,
+                    before, after, scale, stride_kb, stride_kh, stride_kg, stride_vb, stride_vh, stride_vg,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        """The block's queries, the head's global keys and values, and the scores with their mask."""
+        b, h = pid_bh // heads, pid_bh % heads
+        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_g = tl.arange(0, BLOCK_G)
+        rows = (offs_t[:, None] < length) & (offs_d[None, :] < D)
+        keys = (offs_g[:, None] < num_global) & (offs_d[None, :] < D)
+        row_offsets = pid_bh.to(tl.int64) * length * D + offs_t[:, None].to(tl.int64) * D + offs_d[None, :]
+        q = tl.load(q_ptr + row_offsets, mask=rows, other=0.0)
+        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_g[:, None] * stride_kg + offs_d[None, :],
+                    mask=keys, other=0.0)
+        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_g[:, None] * stride_vg + offs_d[None, :],
+                    mask=keys, other=0.0)
+        in_row = offs_g < num_global
+        pos = tl.load(pos_ptr + b * num_global + offs_g, mask=in_row, other=0)
+        valid = tl.load(valid_ptr + b * num_global + offs_g, mask=in_row, other=0) != 0
+        dil = tl.load(dil_ptr + h)
+        ok = _allowed(offs_t, pos, valid, dil, before, after, CAUSAL)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_T, BLOCK_G) fp32
+        return q, k, v, ok, scores, offs_t, row_offsets, rows
+
+    @triton.jit
+    def _forward_kernel(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, out_ptr, lse_ptr,
+                        heads, length, num_global, before, after, scale, stride_kb, stride_kh, stride_kg,
+                        stride_vb, stride_vh, stride_vg, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        pid_bh, pid_t = tl.program_id(0), tl.program_id(1)
+        q, k, v, ok, scores, offs_t, row_offsets, rows = _load_block(
+            q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, pid_bh, pid_t, heads, length, num_global, before,
+            after, scale, stride_kb, stride_kh, stride_kg, stride_vb, stride_vh, stride_vg, D, BLOCK_D, BLOCK_T,
+            BLOCK_G, CAUSAL, PRECISION)
+        lse_offsets = pid_bh.to(tl.int64) * length + offs_t
+        lw = tl.load(lw_ptr + lse_offsets, mask=offs_t < length, other=0.0).to(tl.float32)
+        top = tl.maximum(lw, tl.max(tl.where(ok, scores, float("-inf")), axis=1))
+        probs = tl.where(ok, tl.exp(scores - top[:, None]), 0.0)
+        window = tl.exp(lw - top)
+        total = window + tl.sum(probs, axis=1)
+        ow = tl.load(ow_ptr + row_offsets, mask=rows, other=0.0).to(tl.float32)
+        acc = window[:, None] * ow + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+        tl.store(out_ptr + row_offsets, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=rows)
+        tl.store(lse_ptr + lse_offsets, top + tl.log(total), mask=offs_t < length)
+
+    @triton.jit
+    def _backward_kernel(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, lse_ptr, grad_ptr, pos_ptr, valid_ptr, dil_ptr,
+                         dq_ptr, dow_ptr, dlw_ptr, dk_ptr, dv_ptr, heads, length, num_global, before, after, scale,
+                         stride_kb, stride_kh, stride_kg, stride_vb, stride_vh, stride_vg, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        pid_bh, pid_t = tl.program_id(0), tl.program_id(1)
+        q, k, v, ok, scores, offs_t, row_offsets, rows = _load_block(
+            q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, pid_bh, pid_t, heads, length, num_global, before,
+            after, scale, stride_kb, stride_kh, stride_kg, stride_vb, stride_vh, stride_vg, D, BLOCK_D, BLOCK_T,
+            BLOCK_G, CAUSAL, PRECISION)
+        lse_offsets = pid_bh.to(tl.int64) * length + offs_t
+        in_seq = offs_t < length
+        lw = tl.load(lw_ptr + lse_offsets, mask=in_seq, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + lse_offsets, mask=in_seq, other=0.0)
+        probs = tl.where(ok & in_seq[:, None], tl.exp(scores - lse[:, None]), 0.0)  # (BLOCK_T, BLOCK_G)
+        window = tl.where(in_seq, tl.exp(lw - lse), 0.0)
+        ow = tl.load(ow_ptr + row_offsets, mask=rows, other=0.0).to(tl.float32)
+        grad = tl.load(grad_ptr + row_offsets, mask=rows, other=0.0)
+        grad32 = grad.to(tl.float32)
+        out = window[:, None] * ow + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+        delta = tl.sum(grad32 * out, axis=1)
+        tl.store(dow_ptr + row_offsets, (window[:, None] * grad32).to(dow_ptr.dtype.element_ty), mask=rows)
+        tl.store(dlw_ptr + lse_offsets, window * (tl.sum(grad32 * ow, axis=1) - delta), mask=in_seq)
+        grad_probs = tl.dot(grad.to(v.dtype), tl.trans(v), input_precision=PRECISION)  # (BLOCK_T, BLOCK_G)
+        grad_scores = probs * (grad_probs - delta[:, None])
+        dq = tl.dot(grad_scores.to(k.dtype), k, input_precision=PRECISION) * scale
+        tl.store(dq_ptr + row_offsets, dq.to(dq_ptr.dtype.element_ty), mask=rows)
+        # this block's share of the keys' and values' gradients: (BLOCK_G, BLOCK_D) each, in fp32
+        dk = tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=PRECISION) * scale
+        dv = tl.dot(tl.trans(probs.to(grad.dtype)), grad, input_precision=PRECISION)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        part = (pid_bh.to(tl.int64) * tl.num_programs(1) + pid_t) * BLOCK_G * BLOCK_D
+        part_offsets = part + offs_g[:, None] * BLOCK_D + offs_d[None, :]
+        tl.store(dk_ptr + part_offsets, dk)
+        tl.store(dv_ptr + part_offsets, dv)
+
+
+# Kernel configuration, fixed ahead of time (no autotuning at a user's first step): queries per program, warps.
+BLOCK_T, NUM_WARPS = 64, 4
+
+
+def _launch_settings(query: torch.Tensor, num_global: int) -> dict:
+    d = query.shape[-1]
+    return dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_T=BLOCK_T,
+                BLOCK_G=max(16, triton.next_power_of_2(num_global)),
+                PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+
+
+def _key_strides(key: torch.Tensor, value: torch.Tensor) -> tuple:
+    return key.stride()[:3] + value.stride()[:3]
+
+
+def launch_device(tensor: torch.Tensor):
+    """Where to launch kernels on ``tensor``: Triton launches on the current device (CPU tensors: Triton's
+    interpreter, for tests)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+class _MergeGlobalKeys(torch.autograd.Function):
+    """See the module's docstring; the arguments are those of `merge_global_keys`, made contiguous."""
+
+    @staticmethod
+    def forward(ctx, query, out_w, lse_w, key, value, index, valid, dilation, before, after, causal, scale):
+        b, h, t, _ = query.shape
+        num = key.shape[2]
+        settings = _launch_settings(query, num)
+        out = torch.empty_like(out_w)
+        lse = torch.empty(b, h, t, dtype=torch.float32, device=query.device)
+        grid = (b * h, triton.cdiv(t, BLOCK_T))
+        with launch_device(query):
+            _forward_kernel[grid](query, key, value, out_w, lse_w, index, valid, dilation, out, lse, h, t, num,
+                                  before, after, scale, *_key_strides(key, value), CAUSAL=causal, **settings)
+        ctx.save_for_backward(query, out_w, lse_w, key, value, index, valid, dilation, lse)
+        ctx.constants = (before, after, causal, scale)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        query, out_w, lse_w, key, value, index, valid, dilation, lse = ctx.saved_tensors
+        before, after, causal, scale = ctx.constants
+        b, h, t, d = query.shape
+        num = key.shape[2]
+        settings = _launch_settings(query, num)
+        grid = (b * h, triton.cdiv(t, BLOCK_T))
+        grad = grad.contiguous()
+        dq, dow = torch.empty_like(query), torch.empty_like(out_w)
+        dlw = torch.empty(lse_w.shape, dtype=torch.float32, device=query.device)
+        parts = torch.empty(2, b * h, grid[1], settings["BLOCK_G"], settings["BLOCK_D"], dtype=torch.float32,
+                            device=query.device)
+        with launch_device(query):
+            _backward_kernel[grid](query, key, value, out_w, lse_w, lse, grad, index, valid, dilation, dq, dow,
+                                   dlw, parts[0], parts[1], h, t, num, before, after, scale,
+                                   *_key_strides(key, value), CAUSAL=causal, **settings)
+        dk, dv = parts.sum(dim=2)[..., :num, :d].reshape(2, b, h, num, d).to(key.dtype).unbind(0)
+        return dq, dow, dlw.to(lse_w.dtype), dk, dv, None, None, None, None, None, None, None
+
+
+def merge_global_keys(query: torch.Tensor, out_w: torch.Tensor, lse_w: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, dilation: torch.Tensor,
+                      before: int, after: int, causal: bool, scale: float) -> torch.Tensor:
+    """The window's result merged with every query's part over the global keys outside its window.
+
+    query (B, H, T, D); out_w (B, H, T, D) and lse_w (B, H, T) the window part's output and log-sum-exp;
+    key/value (B, H, G, D) the global tokens' keys and values (any strides with D contiguous); index (B, G) int
+    their positions, valid (B, G) bool which of them exist; dilation (H,) int per head; before/after the
+    window's reach in steps of the dilation; causal; scale the score scale. Returns (B, H, T, D) in out_w's dtype. CUDA (or Triton's interpreter) only:
+    see `kernel_available`."""
+    dtype = query.dtype
+    # the keys and values are read through their strides (views of the few tokens' projection)
+    key, value = (x if x.dtype == dtype and x.stride(-1) == 1 else x.to(dtype).contiguous() for x in (key, value))
+    valid = valid.view(torch.int8) if valid.dtype == torch.bool else valid.to(torch.int8)
+    return _MergeGlobalKeys.apply(query.contiguous(), out_w.contiguous(), lse_w.contiguous(), key, value,
+                                  index.contiguous(), valid.contiguous(), dilation.to(query.device).contiguous(),
+                                  before, after, causal, scale)

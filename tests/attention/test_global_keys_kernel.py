@@ -1,0 +1,122 @@
+"""The merged global-key kernel (`global_keys_kernel`, Triton) against the plain formula: one softmax per query
+over its window's part (as one entry with score l_w and value out_w) and the global keys outside its window.
+
+Runs on CUDA, or on CPU through Triton's interpreter (`TRITON_INTERPRET=1` set before starting Python); skipped
+where Triton is not installed (CPU-only installs, such as CI's). The module-level comparison with the readable
+path runs in `test_sliding_window.py` (its GPU tests)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from subquadratic.modeling.attention import sliding_window
+from subquadratic.modeling.attention.flex import fast_paths
+from subquadratic.modeling.attention.global_keys_kernel import BLOCK_T, merge_global_keys, triton
+from subquadratic.modeling.attention.sliding_window import SlidingWindowSelfAttention
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernel = pytest.mark.skipif(triton is None or not (torch.cuda.is_available() or INTERPRETED),
+                                  reason="needs Triton, and CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def allowed_pairs(t, index, valid, dilation, before, after, causal):
+    """(B, H, T, G) bool by the definition: the global key lies outside the query's window (and, when causal, not
+    after it)."""
+    offset = index[:, None, None, :] - torch.arange(t)[:, None]  # (B, 1, T, G)
+    d = dilation[:, None, None]  # (H, 1, 1)
+    in_window = (offset % d == 0) & (offset >= -before * d) & (offset <= after * d)
+    ok = valid[:, None, None, :] & ~in_window
+    return ok & (offset <= 0) if causal else ok
+
+
+def plain(query, out_w, lse_w, key, value, allowed, scale):
+    """One softmax over [window entry, global keys] per query, in float64."""
+    scores = torch.cat([lse_w[..., None], (query @ key.transpose(-1, -2)) * scale], dim=-1)
+    allowed = torch.cat([torch.ones_like(allowed[..., :1]), allowed], dim=-1)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return probs[..., :1] * out_w + probs[..., 1:] @ value
+
+
+def case(b=2, h=3, t=2 * BLOCK_T + 11, d=32, num=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    query, out_w = (torch.randn(b, h, t, d, generator=gen) for _ in range(2))
+    key, value = (torch.randn(b, h, num, d, generator=gen) for _ in range(2))
+    lse_w = torch.randn(b, h, t, generator=gen) + 2.0
+    index = torch.stack([torch.randperm(t, generator=gen)[:num] for _ in range(b)])
+    valid = torch.ones(b, num, dtype=torch.bool)
+    valid[1, num - 2:] = False  # row 1 has fewer global tokens: padded slots
+    return query, out_w, lse_w, key, value, index, valid
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dilation", [[1, 1, 1], [1, 3, 2]])
+def test_merged_output_and_gradients_equal_the_plain_softmax(causal, dilation):
+    query, out_w, lse_w, key, value, index, valid = case()
+    t, d = query.shape[2], query.shape[3]
+    dilation = torch.tensor(dilation)
+    before, after = (8, 0) if causal else (4, 4)
+    scale = 1 / math.sqrt(d)
+    # a global key inside some windows and outside others
+    index[0, 0] = index[0, 1] + 3
+    allowed = allowed_pairs(t, index, valid, dilation, before, after, causal)
+    assert allowed.any() and not allowed.all()
+    upstream = torch.randn(query.shape)
+
+    inputs = [x.double().requires_grad_() for x in (query, out_w, lse_w, key, value)]
+    expected = plain(*inputs, allowed, scale)
+    expected_grads = torch.autograd.grad(expected, inputs, upstream.double())
+
+    inputs = [x.to(DEVICE).requires_grad_() for x in (query, out_w, lse_w, key, value)]
+    got = merge_global_keys(*inputs, index.to(DEVICE), valid.to(DEVICE), dilation, before, after, causal, scale)
+    got_grads = torch.autograd.grad(got, inputs, upstream.to(DEVICE))
+    torch.testing.assert_close(got.double().cpu(), expected, atol=1e-5, rtol=1e-4)
+    for name, g, e in zip(("query", "out_w", "lse_w", "key", "value"), got_grads, expected_grads):
+        torch.testing.assert_close(g.double().cpu(), e, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@needs_kernel
+def test_no_global_keys_leave_the_window_result():
+    """Rows without allowed global keys (none at all, G = 0) give the window's output, gradients through it."""
+    query, out_w, lse_w, key, value, index, valid = case(num=0)
+    inputs = [x.to(DEVICE).requires_grad_() for x in (query, out_w, lse_w, key, value)]
+    got = merge_global_keys(*inputs, index.to(DEVICE), valid.to(DEVICE), torch.ones(3, dtype=torch.long), 4, 4,
+                            False, 0.2)
+    torch.testing.assert_close(got, inputs[1].detach())
+    grads = torch.autograd.grad(got.sum(), inputs[:3])
+    assert not grads[0].any() and not grads[2].any() and (grads[1] == 1).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [False, True])
+def test_module_with_both_global_kernels_equals_readable_path(causal, monkeypatch):
+    """`SlidingWindowSelfAttention` with the global parts as kernels (the merged keys here, the global queries of
+    `global_queries_kernel`) against its readable path: outputs and every gradient, with padding and dilation.
+    On CPU the kernels run in Triton's interpreter (made available to the module for this test)."""
+    monkeypatch.setattr(sliding_window, "kernel_available", lambda tensor: True)
+    torch.manual_seed(0)
+    module = SlidingWindowSelfAttention(64, 4, 8, [1, 2, 1, 3], causal=causal).to(DEVICE)
+    t = BLOCK_T + 70
+    x = torch.randn(2, t, 64, device=DEVICE, requires_grad=True)
+    padding = torch.ones(2, t, dtype=torch.bool, device=DEVICE)
+    padding[0, t - 20:] = False
+    glob = torch.zeros(2, t, dtype=torch.bool, device=DEVICE)
+    glob[0, [0, 9]] = True
+    glob[1, [40, 41, 100]] = True
+    weight = torch.randn(2, t, 64, device=DEVICE)
+    results = []
+    for fast in (False, True):
+        module.zero_grad()
+        x.grad = None
+        with fast_paths(fast if DEVICE == "cuda" else (None if not fast else True)):
+            out = module(x, padding_mask=padding, global_mask=glob)
+        (out[padding] * weight[padding]).sum().backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in module.parameters()]
+        results.append([out[padding].detach(), x.grad.clone()] + [g.clone() for g in grads])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)

@@ -1,0 +1,66 @@
+"""The global queries' kernels (`global_queries_kernel`, Triton) against the plain formula: each row's softmax over
+every allowed key's input (finite MASK_VALUE for padding and, when causal, later keys), times the inputs.
+
+Runs on CUDA, or on CPU through Triton's interpreter (`TRITON_INTERPRET=1` set before starting Python); skipped
+where Triton is not installed (CPU-only installs, such as CI's). The module-level comparison with the readable
+path runs in `test_sliding_window.py` (its GPU tests)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from subquadratic.modeling.attention.global_queries_kernel import BLOCK_N, global_queries_attend, triton
+from subquadratic.modeling.attention.masking import MASK_VALUE
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernel = pytest.mark.skipif(triton is None or not (torch.cuda.is_available() or INTERPRETED),
+                                  reason="needs Triton, and CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plain(query, inputs, key_ok, positions, causal, scale):
+    """(B, R, E) rows over (B, T, E) inputs, in float64; row h * G + g belongs to global token g."""
+    b, rows, _ = query.shape
+    t = inputs.shape[1]
+    allowed = torch.ones(b, rows, t, dtype=torch.bool) if key_ok is None else key_ok[:, None, :].expand(b, rows, t)
+    if causal:
+        pos = positions.repeat(1, rows // positions.shape[1])  # (B, R)
+        allowed = allowed & (torch.arange(t) <= pos[:, :, None])
+    scores = (query @ inputs.transpose(1, 2) * scale).masked_fill(~allowed, MASK_VALUE)
+    return torch.softmax(scores, dim=-1) @ inputs
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_output_and_gradients_equal_the_plain_softmax(causal, padded):
+    gen = torch.Generator().manual_seed(0)
+    b, heads, num, hidden, t = 2, 3, 5, 96, 2 * BLOCK_N + 37  # hidden not a multiple of the column tile
+    query = torch.randn(b, heads * num, hidden, generator=gen) * 0.3
+    # inputs with a batch stride that is not T * E: a slice of a wider sequence
+    inputs = torch.randn(b, t + 3, hidden, generator=gen)[:, 2:t + 2]
+    positions = torch.stack([torch.randperm(t, generator=gen)[:num] for _ in range(b)])
+    positions[0, 0] = 0  # causal: attends to key 0 only
+    key_ok = None
+    if padded:
+        key_ok = torch.ones(b, t, dtype=torch.bool)
+        key_ok[0, t - 50:] = False
+        key_ok[1, :3] = False  # row 1's causal token at position 0..2 may have no allowed key: it averages
+        positions[1, 0] = 1
+    scale = 0.125
+    upstream = torch.randn(b, heads * num, hidden, generator=gen)
+
+    args = [x.double().requires_grad_() for x in (query, inputs)]
+    expected = plain(*args, key_ok, positions, causal, scale)
+    expected_grads = torch.autograd.grad(expected, args, upstream.double())
+
+    args = [x.to(DEVICE).requires_grad_() for x in (query, inputs)]
+    got = global_queries_attend(*args, None if key_ok is None else key_ok.to(DEVICE), positions.to(DEVICE),
+                                causal, scale)
+    got_grads = torch.autograd.grad(got, args, upstream.to(DEVICE))
+    torch.testing.assert_close(got.double().cpu(), expected, atol=1e-5, rtol=1e-4)
+    for name, g, e in zip(("query", "inputs"), got_grads, expected_grads):
+        torch.testing.assert_close(g.double().cpu(), e, atol=1e-4, rtol=1e-4, msg=name)
