@@ -34,30 +34,44 @@ def allowed_pairs(t, index, valid, dilation, before, after, causal):
     return ok & (offset <= 0) if causal else ok
 
 
-def plain(query, out_w, lse_w, key, value, allowed, scale):
-    """One softmax over [window entry, global keys] per query, in float64."""
+def plain(query, out_w, lse_w, key, value, rows, allowed, index, valid, scale):
+    """One softmax over [window entry, global keys] per query, in float64; then each global token's row of
+    ``rows`` at its position."""
     scores = torch.cat([lse_w[..., None], (query @ key.transpose(-1, -2)) * scale], dim=-1)
     allowed = torch.cat([torch.ones_like(allowed[..., :1]), allowed], dim=-1)
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    return probs[..., :1] * out_w + probs[..., 1:] @ value
+    out = probs[..., :1] * out_w + probs[..., 1:] @ value
+    for b, g in valid.nonzero().tolist():
+        out = torch.cat([out[:b], out[b:b + 1].index_copy(2, index[b, g:g + 1], rows[b:b + 1, :, g:g + 1]),
+                         out[b + 1:]])
+    return out
+
+
+def slots_of(index, valid, t):
+    slot = torch.full((index.shape[0], t), -1, dtype=torch.int32)
+    for b, g in valid.nonzero().tolist():
+        slot[b, index[b, g]] = g
+    return slot
 
 
 def case(b=2, h=3, t=2 * BLOCK_T + 11, d=32, num=5, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    query, out_w = (torch.randn(b, h, t, d, generator=gen) for _ in range(2))
-    key, value = (torch.randn(b, h, num, d, generator=gen) for _ in range(2))
+    # the queries as a view with gaps (as the heads of a fused projection are)
+    query = torch.randn(b, t, h, 2 * d, generator=gen)[..., :d].transpose(1, 2)
+    out_w = torch.randn(b, h, t, d, generator=gen)
+    key, value, rows = (torch.randn(b, h, num, d, generator=gen) for _ in range(3))
     lse_w = torch.randn(b, h, t, generator=gen) + 2.0
     index = torch.stack([torch.randperm(t, generator=gen)[:num] for _ in range(b)])
     valid = torch.ones(b, num, dtype=torch.bool)
     valid[1, num - 2:] = False  # row 1 has fewer global tokens: padded slots
-    return query, out_w, lse_w, key, value, index, valid
+    return query, out_w, lse_w, key, value, rows, index, valid
 
 
 @needs_kernel
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dilation", [[1, 1, 1], [1, 3, 2]])
 def test_merged_output_and_gradients_equal_the_plain_softmax(causal, dilation):
-    query, out_w, lse_w, key, value, index, valid = case()
+    query, out_w, lse_w, key, value, rows, index, valid = case()
     t, d = query.shape[2], query.shape[3]
     dilation = torch.tensor(dilation)
     before, after = (8, 0) if causal else (4, 4)
@@ -66,27 +80,31 @@ def test_merged_output_and_gradients_equal_the_plain_softmax(causal, dilation):
     index[0, 0] = index[0, 1] + 3
     allowed = allowed_pairs(t, index, valid, dilation, before, after, causal)
     assert allowed.any() and not allowed.all()
-    upstream = torch.randn(query.shape)
+    upstream = torch.randn(out_w.shape)
+    names = ("query", "out_w", "lse_w", "key", "value", "rows")
 
-    inputs = [x.double().requires_grad_() for x in (query, out_w, lse_w, key, value)]
-    expected = plain(*inputs, allowed, scale)
+    inputs = [x.double().requires_grad_() for x in (query, out_w, lse_w, key, value, rows)]
+    expected = plain(*inputs, allowed, index, valid, scale)
     expected_grads = torch.autograd.grad(expected, inputs, upstream.double())
 
-    inputs = [x.to(DEVICE).requires_grad_() for x in (query, out_w, lse_w, key, value)]
-    got = merge_global_keys(*inputs, index.to(DEVICE), valid.to(DEVICE), dilation, before, after, causal, scale)
+    inputs = [x.to(DEVICE).requires_grad_() for x in (query, out_w, lse_w, key, value, rows)]
+    got = merge_global_keys(*inputs, index.to(DEVICE), valid.to(DEVICE), slots_of(index, valid, t).to(DEVICE),
+                            dilation, before, after, causal, scale)
     got_grads = torch.autograd.grad(got, inputs, upstream.to(DEVICE))
     torch.testing.assert_close(got.double().cpu(), expected, atol=1e-5, rtol=1e-4)
-    for name, g, e in zip(("query", "out_w", "lse_w", "key", "value"), got_grads, expected_grads):
+    for name, g, e in zip(names, got_grads, expected_grads):
         torch.testing.assert_close(g.double().cpu(), e, atol=1e-4, rtol=1e-4, msg=name)
+    assert not got_grads[5][1, :, valid[1].logical_not()].any()  # padded slots: no gradient
 
 
 @needs_kernel
 def test_no_global_keys_leave_the_window_result():
     """Rows without allowed global keys (none at all, G = 0) give the window's output, gradients through it."""
-    query, out_w, lse_w, key, value, index, valid = case(num=0)
-    inputs = [x.to(DEVICE).requires_grad_() for x in (query, out_w, lse_w, key, value)]
-    got = merge_global_keys(*inputs, index.to(DEVICE), valid.to(DEVICE), torch.ones(3, dtype=torch.long), 4, 4,
-                            False, 0.2)
+    query, out_w, lse_w, key, value, rows, index, valid = case(num=0)
+    inputs = [x.to(DEVICE).requires_grad_() for x in (query, out_w, lse_w, key, value, rows)]
+    slot = slots_of(index, valid, query.shape[2]).to(DEVICE)
+    got = merge_global_keys(*inputs, index.to(DEVICE), valid.to(DEVICE), slot, torch.ones(3, dtype=torch.long), 4,
+                            4, False, 0.2)
     torch.testing.assert_close(got, inputs[1].detach())
     grads = torch.autograd.grad(got.sum(), inputs[:3])
     assert not grads[0].any() and not grads[2].any() and (grads[1] == 1).all()

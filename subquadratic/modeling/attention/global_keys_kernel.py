@@ -53,71 +53,88 @@ if triton is not None:
         return ok
 
     @triton.jit
-    def _load_block(q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, pid_bh, pid_t, heads, length, num_global,
-                    before, after, scale, stride_kb, stride_kh, stride_kg, stride_vb, stride_vh, stride_vg,
-                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+    def _load_block(q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_bh, pid_t, heads, length,
+                    num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh,
+                    stride_kg, stride_ob, stride_oh, stride_ot, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-        """The block's queries, the head's global keys and values, and the scores with their mask."""
+        """The block's queries, the head's global keys and values, the scores with their mask, and each row's
+        global slot (-1: not a global token)."""
         b, h = pid_bh // heads, pid_bh % heads
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_d = tl.arange(0, BLOCK_D)
         offs_g = tl.arange(0, BLOCK_G)
-        rows = (offs_t[:, None] < length) & (offs_d[None, :] < D)
+        in_seq = offs_t < length
+        rows = in_seq[:, None] & (offs_d[None, :] < D)
         keys = (offs_g[:, None] < num_global) & (offs_d[None, :] < D)
-        row_offsets = pid_bh.to(tl.int64) * length * D + offs_t[:, None].to(tl.int64) * D + offs_d[None, :]
-        q = tl.load(q_ptr + row_offsets, mask=rows, other=0.0)
-        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_g[:, None] * stride_kg + offs_d[None, :],
-                    mask=keys, other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_g[:, None] * stride_vg + offs_d[None, :],
-                    mask=keys, other=0.0)
+        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_t[:, None].to(tl.int64) * stride_qt
+                    + offs_d[None, :], mask=rows, other=0.0)
+        key_offsets = b * stride_kb + h * stride_kh + offs_g[:, None] * stride_kg + offs_d[None, :]
+        k = tl.load(k_ptr + key_offsets, mask=keys, other=0.0)
+        v = tl.load(v_ptr + key_offsets, mask=keys, other=0.0)
         in_row = offs_g < num_global
         pos = tl.load(pos_ptr + b * num_global + offs_g, mask=in_row, other=0)
         valid = tl.load(valid_ptr + b * num_global + offs_g, mask=in_row, other=0) != 0
         dil = tl.load(dil_ptr + h)
         ok = _allowed(offs_t, pos, valid, dil, before, after, CAUSAL)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_T, BLOCK_G) fp32
-        return q, k, v, ok, scores, offs_t, row_offsets, rows
+        slot = tl.load(slot_ptr + b.to(tl.int64) * length + offs_t, mask=in_seq, other=-1)
+        # (B, H, T, D) contiguous results, and (B, H, G, D) contiguous global rows: their offsets
+        row_offsets = pid_bh.to(tl.int64) * length * D + offs_t[:, None].to(tl.int64) * D + offs_d[None, :]
+        slot_offsets = (pid_bh.to(tl.int64) * num_global + slot[:, None]) * D + offs_d[None, :]
+        # the output (forward) or its gradient (backward), through their strides
+        io_offsets = (b.to(tl.int64) * stride_ob + h * stride_oh + offs_t[:, None].to(tl.int64) * stride_ot
+                      + offs_d[None, :])
+        return q, k, v, ok, scores, offs_t, in_seq, rows, row_offsets, slot, slot_offsets, io_offsets
 
     @triton.jit
-    def _forward_kernel(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, out_ptr, lse_ptr,
-                        heads, length, num_global, before, after, scale, stride_kb, stride_kh, stride_kg,
-                        stride_vb, stride_vh, stride_vg, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    def _forward_kernel(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, g_ptr,
+                        out_ptr, lse_ptr, heads, length, num_global, before, after, scale, stride_qb, stride_qh,
+                        stride_qt, stride_kb, stride_kh, stride_kg, stride_ob, stride_oh, stride_ot,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr,
                         PRECISION: tl.constexpr):
         pid_bh, pid_t = tl.program_id(0), tl.program_id(1)
-        q, k, v, ok, scores, offs_t, row_offsets, rows = _load_block(
-            q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, pid_bh, pid_t, heads, length, num_global, before,
-            after, scale, stride_kb, stride_kh, stride_kg, stride_vb, stride_vh, stride_vg, D, BLOCK_D, BLOCK_T,
-            BLOCK_G, CAUSAL, PRECISION)
+        q, k, v, ok, scores, offs_t, in_seq, rows, row_offsets, slot, slot_offsets, io_offsets = _load_block(
+            q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_bh, pid_t, heads, length, num_global,
+            before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, stride_ob,
+            stride_oh, stride_ot, D, BLOCK_D, BLOCK_T, BLOCK_G, CAUSAL, PRECISION)
         lse_offsets = pid_bh.to(tl.int64) * length + offs_t
-        lw = tl.load(lw_ptr + lse_offsets, mask=offs_t < length, other=0.0).to(tl.float32)
+        lw = tl.load(lw_ptr + lse_offsets, mask=in_seq, other=0.0).to(tl.float32)
         top = tl.maximum(lw, tl.max(tl.where(ok, scores, float("-inf")), axis=1))
         probs = tl.where(ok, tl.exp(scores - top[:, None]), 0.0)
         window = tl.exp(lw - top)
         total = window + tl.sum(probs, axis=1)
         ow = tl.load(ow_ptr + row_offsets, mask=rows, other=0.0).to(tl.float32)
-        acc = window[:, None] * ow + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
-        tl.store(out_ptr + row_offsets, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=rows)
-        tl.store(lse_ptr + lse_offsets, top + tl.log(total), mask=offs_t < length)
+        acc = (window[:, None] * ow + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)) / total[:, None]
+        # a global token's row is its own attention over every key, computed by the caller
+        is_global = slot >= 0
+        own = tl.load(g_ptr + slot_offsets, mask=rows & is_global[:, None], other=0.0).to(tl.float32)
+        acc = tl.where(is_global[:, None], own, acc)
+        tl.store(out_ptr + io_offsets, acc.to(out_ptr.dtype.element_ty), mask=rows)
+        tl.store(lse_ptr + lse_offsets, top + tl.log(total), mask=in_seq)
 
     @triton.jit
     def _backward_kernel(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, lse_ptr, grad_ptr, pos_ptr, valid_ptr, dil_ptr,
-                         dq_ptr, dow_ptr, dlw_ptr, dk_ptr, dv_ptr, heads, length, num_global, before, after, scale,
-                         stride_kb, stride_kh, stride_kg, stride_vb, stride_vh, stride_vg, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                         slot_ptr, dq_ptr, dow_ptr, dlw_ptr, dk_ptr, dv_ptr, dg_ptr, heads, length, num_global,
+                         before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg,
+                         stride_ob, stride_oh, stride_ot, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
                          CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
         pid_bh, pid_t = tl.program_id(0), tl.program_id(1)
-        q, k, v, ok, scores, offs_t, row_offsets, rows = _load_block(
-            q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, pid_bh, pid_t, heads, length, num_global, before,
-            after, scale, stride_kb, stride_kh, stride_kg, stride_vb, stride_vh, stride_vg, D, BLOCK_D, BLOCK_T,
-            BLOCK_G, CAUSAL, PRECISION)
+        q, k, v, ok, scores, offs_t, in_seq, rows, row_offsets, slot, slot_offsets, io_offsets = _load_block(
+            q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_bh, pid_t, heads, length, num_global,
+            before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, stride_ob,
+            stride_oh, stride_ot, D, BLOCK_D, BLOCK_T, BLOCK_G, CAUSAL, PRECISION)
         lse_offsets = pid_bh.to(tl.int64) * length + offs_t
-        in_seq = offs_t < length
         lw = tl.load(lw_ptr + lse_offsets, mask=in_seq, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + lse_offsets, mask=in_seq, other=0.0)
         probs = tl.where(ok & in_seq[:, None], tl.exp(scores - lse[:, None]), 0.0)  # (BLOCK_T, BLOCK_G)
         window = tl.where(in_seq, tl.exp(lw - lse), 0.0)
         ow = tl.load(ow_ptr + row_offsets, mask=rows, other=0.0).to(tl.float32)
-        grad = tl.load(grad_ptr + row_offsets, mask=rows, other=0.0)
+        grad = tl.load(grad_ptr + io_offsets, mask=rows, other=0.0)
+        # a global token's row came from the caller's rows: its gradient goes there, and nowhere else
+        is_global = slot >= 0
+        tl.store(dg_ptr + slot_offsets, grad.to(dg_ptr.dtype.element_ty), mask=rows & is_global[:, None])
+        grad = tl.where(is_global[:, None], 0.0, grad)
         grad32 = grad.to(tl.float32)
         out = window[:, None] * ow + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         delta = tl.sum(grad32 * out, axis=1)
@@ -129,7 +146,7 @@ if triton is not None:
         tl.store(dq_ptr + row_offsets, dq.to(dq_ptr.dtype.element_ty), mask=rows)
         # this block's share of the keys' and values' gradients: (BLOCK_G, BLOCK_D) each, in fp32
         dk = tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=PRECISION) * scale
-        dv = tl.dot(tl.trans(probs.to(grad.dtype)), grad, input_precision=PRECISION)
+        dv = tl.dot(tl.trans(probs.to(v.dtype)), grad.to(v.dtype), input_precision=PRECISION)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         part = (pid_bh.to(tl.int64) * tl.num_programs(1) + pid_t) * BLOCK_G * BLOCK_D
@@ -149,8 +166,8 @@ def _launch_settings(query: torch.Tensor, num_global: int) -> dict:
                 PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
 
 
-def _key_strides(key: torch.Tensor, value: torch.Tensor) -> tuple:
-    return key.stride()[:3] + value.stride()[:3]
+def _strides(*tensors: torch.Tensor) -> tuple:
+    return tuple(stride for x in tensors for stride in x.stride()[:3])
 
 
 def launch_device(tensor: torch.Tensor):
@@ -160,59 +177,70 @@ def launch_device(tensor: torch.Tensor):
 
 
 class _MergeGlobalKeys(torch.autograd.Function):
-    """See the module's docstring; the arguments are those of `merge_global_keys`, made contiguous."""
+    """See the module's docstring; the arguments are those of `merge_global_keys`, in the layouts it makes."""
 
     @staticmethod
-    def forward(ctx, query, out_w, lse_w, key, value, index, valid, dilation, before, after, causal, scale):
+    def forward(ctx, query, out_w, lse_w, key, value, rows, index, valid, slot, dilation, before, after, causal,
+                scale):
         b, h, t, _ = query.shape
         num = key.shape[2]
         settings = _launch_settings(query, num)
-        out = torch.empty_like(out_w)
+        # (B, T, H, D) in memory, so that merging the heads afterwards is a view
+        out = out_w.new_empty(b, t, h, out_w.shape[-1]).transpose(1, 2)
         lse = torch.empty(b, h, t, dtype=torch.float32, device=query.device)
         grid = (b * h, triton.cdiv(t, BLOCK_T))
         with launch_device(query):
-            _forward_kernel[grid](query, key, value, out_w, lse_w, index, valid, dilation, out, lse, h, t, num,
-                                  before, after, scale, *_key_strides(key, value), CAUSAL=causal, **settings)
-        ctx.save_for_backward(query, out_w, lse_w, key, value, index, valid, dilation, lse)
-        ctx.constants = (before, after, causal, scale)
+            _forward_kernel[grid](query, key, value, out_w, lse_w, index, valid, dilation, slot, rows, out, lse, h,
+                                  t, num, before, after, scale, *_strides(query, key, out), CAUSAL=causal,
+                                  **settings)
+        ctx.save_for_backward(query, out_w, lse_w, key, value, index, valid, slot, dilation, lse)
+        ctx.constants = (before, after, causal, scale, rows.dtype)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        query, out_w, lse_w, key, value, index, valid, dilation, lse = ctx.saved_tensors
-        before, after, causal, scale = ctx.constants
+        query, out_w, lse_w, key, value, index, valid, slot, dilation, lse = ctx.saved_tensors
+        before, after, causal, scale, rows_dtype = ctx.constants
         b, h, t, d = query.shape
         num = key.shape[2]
         settings = _launch_settings(query, num)
         grid = (b * h, triton.cdiv(t, BLOCK_T))
-        grad = grad.contiguous()
-        dq, dow = torch.empty_like(query), torch.empty_like(out_w)
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        dq, dow = query.new_empty(b, h, t, d), torch.empty_like(out_w)
         dlw = torch.empty(lse_w.shape, dtype=torch.float32, device=query.device)
+        d_rows = torch.zeros(b, h, num, d, dtype=rows_dtype, device=query.device)  # slots of no token stay 0
         parts = torch.empty(2, b * h, grid[1], settings["BLOCK_G"], settings["BLOCK_D"], dtype=torch.float32,
                             device=query.device)
         with launch_device(query):
-            _backward_kernel[grid](query, key, value, out_w, lse_w, lse, grad, index, valid, dilation, dq, dow,
-                                   dlw, parts[0], parts[1], h, t, num, before, after, scale,
-                                   *_key_strides(key, value), CAUSAL=causal, **settings)
+            _backward_kernel[grid](query, key, value, out_w, lse_w, lse, grad, index, valid, dilation, slot, dq,
+                                   dow, dlw, parts[0], parts[1], d_rows, h, t, num, before, after, scale,
+                                   *_strides(query, key, grad), CAUSAL=causal, **settings)
         dk, dv = parts.sum(dim=2)[..., :num, :d].reshape(2, b, h, num, d).to(key.dtype).unbind(0)
-        return dq, dow, dlw.to(lse_w.dtype), dk, dv, None, None, None, None, None, None, None
+        return (dq, dow, dlw.to(lse_w.dtype), dk, dv, d_rows) + (None,) * 8
 
 
 def merge_global_keys(query: torch.Tensor, out_w: torch.Tensor, lse_w: torch.Tensor, key: torch.Tensor,
-                      value: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, dilation: torch.Tensor,
-                      before: int, after: int, causal: bool, scale: float) -> torch.Tensor:
-    """The window's result merged with every query's part over the global keys outside its window.
+                      value: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                      slot: torch.Tensor, dilation: torch.Tensor, before: int, after: int, causal: bool,
+                      scale: float) -> torch.Tensor:
+    """The window's result merged with every query's part over the global keys outside its window, and the
+    global tokens' own rows written at their positions.
 
-    query (B, H, T, D); out_w (B, H, T, D) and lse_w (B, H, T) the window part's output and log-sum-exp;
-    key/value (B, H, G, D) the global tokens' keys and values (any strides with D contiguous); index (B, G) int
-    their positions, valid (B, G) bool which of them exist; dilation (H,) int per head; before/after the
-    window's reach in steps of the dilation; causal; scale the score scale. Returns (B, H, T, D) in out_w's dtype. CUDA (or Triton's interpreter) only:
-    see `kernel_available`."""
+    query (B, H, T, D), any strides with D contiguous; out_w (B, H, T, D) and lse_w (B, H, T) the window part's
+    output and log-sum-exp; key/value (B, H, G, D) the global tokens' keys and values; rows (B, H, G, D) the
+    global tokens' own outputs; index (B, G) int their positions, valid (B, G) bool which of them exist, slot
+    (B, T) int each position's global slot or -1 (`GlobalTokens.slots`); dilation (H,) int per head;
+    before/after the window's reach in steps of the dilation; causal; scale the score scale. Returns
+    (B, H, T, D) in out_w's dtype, laid out as (B, T, H, D) (merging its heads is a view). CUDA (or Triton's interpreter) only: see `kernel_available`."""
     dtype = query.dtype
-    # the keys and values are read through their strides (views of the few tokens' projection)
-    key, value = (x if x.dtype == dtype and x.stride(-1) == 1 else x.to(dtype).contiguous() for x in (key, value))
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    key, value = (x.to(dtype) for x in (key, value))
+    if key.stride() != value.stride() or key.stride(-1) != 1:  # read through one set of strides
+        key, value = key.contiguous(), value.contiguous()
     valid = valid.view(torch.int8) if valid.dtype == torch.bool else valid.to(torch.int8)
-    return _MergeGlobalKeys.apply(query.contiguous(), out_w.contiguous(), lse_w.contiguous(), key, value,
-                                  index.contiguous(), valid.contiguous(), dilation.to(query.device).contiguous(),
-                                  before, after, causal, scale)
+    return _MergeGlobalKeys.apply(query, out_w.contiguous(), lse_w.contiguous(), key, value, rows.contiguous(),
+                                  index.contiguous(), valid.contiguous(), slot.contiguous(),
+                                  dilation.to(query.device).contiguous(), before, after, causal, scale)

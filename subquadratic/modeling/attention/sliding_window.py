@@ -265,6 +265,18 @@ class GlobalTokens:
         self.valid = torch.arange(num, device=global_mask.device) < count[:, None]
         self.mask = global_mask
         self.key_masks: dict = {}  # the layers' global-key masks by their settings, built once
+        self._slots: torch.Tensor | None = None
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """(B, T) int32: each global token's slot in ``index``, -1 elsewhere (built once, for the kernels)."""
+        if self._slots is None:
+            b, t = self.mask.shape
+            ids = torch.arange(self.index.shape[1], dtype=torch.int32, device=self.mask.device).expand(b, -1)
+            ids = torch.where(self.valid, ids, -1)  # padded slots point at positions that are not global
+            self._slots = torch.full((b, t), -1, dtype=torch.int32, device=self.mask.device)
+            self._slots.scatter_(1, self.index, ids)
+        return self._slots
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D) -> (B, H, G, D) at the global positions."""
@@ -403,10 +415,10 @@ class SlidingWindowSelfAttention(nn.Module):
         b, t, _ = hidden_states.shape
         h, d_head, num = self.num_heads, query.shape[-1], glob.index.shape[1]
         scale = 1.0 / math.sqrt(d_head)
-        # query is a view of the fused q/k/v projection: one contiguous copy serves the window part (FlexAttention
-        # takes contiguous inputs) and the global keys' part (whose query blocks are then views), and what they
-        # keep for backward does not hold on to the keys and values too
-        query = query.contiguous()
+        if not self._global_kernels_run(query):
+            # query is a view of the fused q/k/v projection: one contiguous copy serves the window part and the
+            # global keys' part (whose query blocks are then views); the kernels read it through its strides
+            query = query.contiguous()
         out, lse = self._window_part(query, key, value, key_ok)
         # The global tokens' own inputs, from which their keys and values (ordinary projections) and queries
         # (global projections) are projected again: G rows each, and one gather whose backward is a (T, hidden)
@@ -423,25 +435,23 @@ class SlidingWindowSelfAttention(nn.Module):
         else:
             rows = project(g_hidden, [self.key, self.value, self.query_global], few_rows=True)
             g_key, g_value, g_query = map(heads, rows)
-        # Every query also attends to the global keys outside its window (ordinary projections)
+        # Global queries attend to every real key with the global projections: (B, H, G, D)
+        g_out = self._global_queries(hidden_states, g_query, key_ok, glob, scale)
+        # Every query also attends to the global keys outside its window (ordinary projections); each global
+        # token takes its row of g_out, written at its position
         if self._global_kernels_run(query):
             before, after = (self.window, 0) if self.causal else (self.window // 2, self.window // 2)
             dilation = self._on_device(self.dilation, query.device)
-            out = merge_global_keys(query, out, lse, g_key, g_value, glob.index, glob.valid, dilation, before, after,
-                                    self.causal, scale)
-        else:
-            # (B, H, T, G) scores. The mask is the same for every layer with these settings; one built under
-            # inference mode could not be saved for a backward pass, so that mode is part of the key.
-            settings = (self.window, tuple(self.dilation), self.causal, t, torch.is_inference_mode_enabled())
-            if settings not in glob.key_masks:
-                glob.key_masks[settings] = self._global_key_mask(glob, t)
-            out_g, lse_g = few_keys_dense_attend(query, g_key, g_value, glob.key_masks[settings], scale,
-                                                 self.dropout)
-            out = combine_softmax(out, lse, out_g, lse_g)
-        # Global queries attend to every real key with the global projections.
-        g_out = self._global_queries(hidden_states, g_query, key_ok, glob, scale)
-        # Each global token takes its row of g_out, written at its position (positions are unique)
-        return put_rows(out, g_out, glob.index, glob.valid)
+            return merge_global_keys(query, out, lse, g_key, g_value, g_out, glob.index, glob.valid, glob.slots,
+                                     dilation, before, after, self.causal, scale)
+        # (B, H, T, G) scores. The mask is the same for every layer with these settings; one built under inference
+        # mode could not be saved for a backward pass, so that mode is part of the key.
+        settings = (self.window, tuple(self.dilation), self.causal, t, torch.is_inference_mode_enabled())
+        if settings not in glob.key_masks:
+            glob.key_masks[settings] = self._global_key_mask(glob, t)
+        out_g, lse_g = few_keys_dense_attend(query, g_key, g_value, glob.key_masks[settings], scale, self.dropout)
+        out = combine_softmax(out, lse, out_g, lse_g)
+        return put_rows(out, g_out, glob.index, glob.valid)  # positions are unique
 
     def _global_kernels_run(self, tensor: torch.Tensor) -> bool:
         """Whether the global parts run as Triton kernels (`global_keys_kernel`, `global_queries_kernel`): on
