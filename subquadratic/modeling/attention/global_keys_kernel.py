@@ -69,8 +69,8 @@ if triton is not None:
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_t[:, None].to(tl.int64) * stride_qt
                     + offs_d[None, :], mask=rows, other=0.0)
         key_offsets = b * stride_kb + h * stride_kh + offs_g[:, None] * stride_kg + offs_d[None, :]
-        k = tl.load(k_ptr + key_offsets, mask=keys, other=0.0)
-        v = tl.load(v_ptr + key_offsets, mask=keys, other=0.0)
+        k = tl.load(k_ptr + key_offsets, mask=keys, other=0.0).to(q.dtype)  # (fp32 rows under autocast)
+        v = tl.load(v_ptr + key_offsets, mask=keys, other=0.0).to(q.dtype)
         in_row = offs_g < num_global
         pos = tl.load(pos_ptr + b * num_global + offs_g, mask=in_row, other=0)
         valid = tl.load(valid_ptr + b * num_global + offs_g, mask=in_row, other=0) != 0
@@ -229,16 +229,16 @@ def merge_global_keys(query: torch.Tensor, out_w: torch.Tensor, lse_w: torch.Ten
     global tokens' own rows written at their positions.
 
     query (B, H, T, D), any strides with D contiguous; out_w (B, H, T, D) and lse_w (B, H, T) the window part's
-    output and log-sum-exp; key/value (B, H, G, D) the global tokens' keys and values; rows (B, H, G, D) the
-    global tokens' own outputs; index (B, G) int their positions, valid (B, G) bool which of them exist, slot
-    (B, T) int each position's global slot or -1 (`GlobalTokens.slots`); dilation (H,) int per head;
-    before/after the window's reach in steps of the dilation; causal; scale the score scale. Returns
-    (B, H, T, D) in out_w's dtype, laid out as (B, T, H, D) (merging its heads is a view). CUDA (or Triton's interpreter) only: see `kernel_available`."""
-    dtype = query.dtype
+    output and log-sum-exp; key/value (B, H, G, D) the global tokens' keys and values (any float dtype, cast to
+    the query's in registers); rows (B, H, G, D) the global tokens' own outputs; index (B, G) int their
+    positions, valid (B, G) bool which of them exist, slot (B, T) int each position's global slot or -1
+    (`GlobalTokens.slots`); dilation (H,) int per head; before/after the window's reach in steps of the
+    dilation; causal; scale the score scale. Returns (B, H, T, D) in out_w's dtype, laid out as (B, T, H, D)
+    (merging its heads is a view). CUDA (or Triton's interpreter) only: see `kernel_available`."""
     if query.stride(-1) != 1:
         query = query.contiguous()
-    key, value = (x.to(dtype) for x in (key, value))
-    if key.stride() != value.stride() or key.stride(-1) != 1:  # read through one set of strides
+    # keys and values are read through one set of strides
+    if key.stride() != value.stride() or key.stride(-1) != 1:
         key, value = key.contiguous(), value.contiguous()
     valid = valid.view(torch.int8) if valid.dtype == torch.bool else valid.to(torch.int8)
     return _MergeGlobalKeys.apply(query, out_w.contiguous(), lse_w.contiguous(), key, value, rows.contiguous(),

@@ -16,9 +16,9 @@ the (R, T) scores. Here (split over the keys, as flash decoding does):
 
 Masking is that of the readable path: a key outside the sequence counts for nothing; a key that is padding, or
 (causal) after the global token's position, gets the finite score MASK_VALUE, so a row with no allowed key
-averages instead of giving NaN. The inputs are read in their own dtype (fp32 under autocast) and multiplied in the
-queries' dtype, so no cast of the (T, E) inputs is made; their gradient is written in that dtype. No dropout:
-callers take the readable path when it is active.
+averages instead of giving NaN. The queries and inputs are read in their own dtypes (fp32 under autocast) and
+multiplied in the products' dtype (bf16 under autocast), cast in registers, so no cast of the (T, E) inputs is
+made; their gradient is written in their dtype. No dropout: callers take the readable path when it is active.
 """
 
 from __future__ import annotations
@@ -32,6 +32,16 @@ if triton is not None:
     import triton.language as tl
 
     _MASK_VALUE = tl.constexpr(MASK_VALUE)  # a kernel reads module globals only as constexprs
+
+    @triton.jit
+    def _compute(x, CAST: tl.constexpr):
+        """x in the products' dtype: 1 bf16, 2 fp16, else fp32."""
+        if CAST == 1:
+            return x.to(tl.bfloat16)
+        elif CAST == 2:
+            return x.to(tl.float16)
+        else:
+            return x.to(tl.float32)
 
     @triton.jit
     def _allowed_keys(ok_ptr, pos_ptr, pid_b, offs_r, offs_n, length, num_global,
@@ -51,7 +61,7 @@ if triton is not None:
     def _forward_kernel(q_ptr, x_ptr, ok_ptr, pos_ptr, part_ptr, max_ptr, sum_ptr, rows, length, hidden,
                         num_global, num_blocks, scale, stride_xb, stride_xt, BLOCK_R: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
-                        HAS_OK: tl.constexpr, PRECISION: tl.constexpr):
+                        HAS_OK: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr):
         pid_b, pid_n = tl.program_id(0), tl.program_id(1)
         offs_r = tl.arange(0, BLOCK_R)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,7 +74,7 @@ if triton is not None:
             in_e = e0 + offs_e < hidden
             q = tl.load(q_base + e0 + offs_e[None, :], mask=in_rows[:, None] & in_e[None, :], other=0.0)
             x = tl.load(x_base + e0 + offs_e[None, :], mask=in_seq[:, None] & in_e[None, :], other=0.0)
-            scores += tl.dot(q, tl.trans(x.to(q.dtype)), input_precision=PRECISION)
+            scores += tl.dot(_compute(q, CAST), tl.trans(_compute(x, CAST)), input_precision=PRECISION)
         allowed = _allowed_keys(ok_ptr, pos_ptr, pid_b, offs_r, offs_n, length, num_global, CAUSAL, HAS_OK)
         scores = tl.where(allowed, scores * scale, _MASK_VALUE)
         scores = tl.where(in_seq[None, :], scores, float("-inf"))
@@ -77,8 +87,7 @@ if triton is not None:
         for e0 in range(0, hidden, BLOCK_E):
             in_e = e0 + offs_e < hidden
             x = tl.load(x_base + e0 + offs_e[None, :], mask=in_seq[:, None] & in_e[None, :], other=0.0)
-            share = tl.dot(probs.to(q_ptr.dtype.element_ty), x.to(q_ptr.dtype.element_ty),
-                           input_precision=PRECISION)
+            share = tl.dot(_compute(probs, CAST), _compute(x, CAST), input_precision=PRECISION)
             tl.store(part_base + e0 + offs_e[None, :], share, mask=in_rows[:, None] & in_e[None, :])
 
     @triton.jit
@@ -114,7 +123,8 @@ if triton is not None:
     def _backward_kernel(q_ptr, x_ptr, ok_ptr, pos_ptr, out_ptr, row_max_ptr, log_total_ptr, grad_ptr, dx_ptr, dq_part_ptr, rows,
                          length, hidden, num_global, num_blocks, scale, stride_xb, stride_xt, stride_dxb,
                          stride_dxt, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                         CAUSAL: tl.constexpr, HAS_OK: tl.constexpr, PRECISION: tl.constexpr):
+                         CAUSAL: tl.constexpr, HAS_OK: tl.constexpr, CAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
         pid_b, pid_n = tl.program_id(0), tl.program_id(1)
         offs_r = tl.arange(0, BLOCK_R)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,9 +142,9 @@ if triton is not None:
             g = tl.load(grad_ptr + row_offsets + e0 + offs_e[None, :], mask=row_mask, other=0.0)
             o = tl.load(out_ptr + row_offsets + e0 + offs_e[None, :], mask=row_mask, other=0.0)
             x = tl.load(x_base + e0 + offs_e[None, :], mask=in_seq[:, None] & in_e[None, :], other=0.0)
-            x = tl.trans(x.to(q.dtype))
-            scores += tl.dot(q, x, input_precision=PRECISION)
-            grad_probs += tl.dot(g.to(q.dtype), x, input_precision=PRECISION)
+            x = tl.trans(_compute(x, CAST))
+            scores += tl.dot(_compute(q, CAST), x, input_precision=PRECISION)
+            grad_probs += tl.dot(_compute(g, CAST), x, input_precision=PRECISION)
             delta += tl.sum(g.to(tl.float32) * o.to(tl.float32), axis=1)
         allowed = _allowed_keys(ok_ptr, pos_ptr, pid_b, offs_r, offs_n, length, num_global, CAUSAL, HAS_OK)
         scores = tl.where(allowed, scores * scale, _MASK_VALUE)
@@ -146,41 +156,43 @@ if triton is not None:
         grad_scores = tl.where(allowed, probs * (grad_probs - delta[:, None]), 0.0) * scale
         dx_base = dx_ptr + pid_b.to(tl.int64) * stride_dxb + offs_n[:, None].to(tl.int64) * stride_dxt
         part_base = dq_part_ptr + ((pid_b.to(tl.int64) * rows + offs_r[:, None]) * num_blocks + pid_n) * hidden
-        dtype = q_ptr.dtype.element_ty
         for e0 in range(0, hidden, BLOCK_E):
             in_e = e0 + offs_e < hidden
             row_mask = in_rows[:, None] & in_e[None, :]
-            q = tl.load(q_ptr + row_offsets + e0 + offs_e[None, :], mask=row_mask, other=0.0)
-            g = tl.load(grad_ptr + row_offsets + e0 + offs_e[None, :], mask=row_mask, other=0.0).to(dtype)
+            q = _compute(tl.load(q_ptr + row_offsets + e0 + offs_e[None, :], mask=row_mask, other=0.0), CAST)
+            g = _compute(tl.load(grad_ptr + row_offsets + e0 + offs_e[None, :], mask=row_mask, other=0.0), CAST)
             x = tl.load(x_base + e0 + offs_e[None, :], mask=in_seq[:, None] & in_e[None, :], other=0.0)
-            dx = (tl.dot(tl.trans(grad_scores.to(dtype)), q, input_precision=PRECISION)
-                  + tl.dot(tl.trans(probs.to(dtype)), g, input_precision=PRECISION))
+            dx = (tl.dot(tl.trans(_compute(grad_scores, CAST)), q, input_precision=PRECISION)
+                  + tl.dot(tl.trans(_compute(probs, CAST)), g, input_precision=PRECISION))
             tl.store(dx_base + e0 + offs_e[None, :], dx.to(dx_ptr.dtype.element_ty),
                      mask=in_seq[:, None] & in_e[None, :])
-            dq = tl.dot(grad_scores.to(dtype), x.to(dtype), input_precision=PRECISION)
+            dq = tl.dot(_compute(grad_scores, CAST), _compute(x, CAST), input_precision=PRECISION)
             tl.store(part_base + e0 + offs_e[None, :], dq, mask=row_mask)
 
 
-# Kernel configuration, fixed ahead of time (no autotuning at a user's first step): keys per program, columns per
-# tile, blocks per step of the combination, warps.
-BLOCK_N, BLOCK_E, BLOCK_K, NUM_WARPS = 128, 64, 32, 4
+# Kernel configuration, fixed ahead of time (no autotuning at a user's first step): keys per program (64: at 16K
+# tokens, 256 programs for an H200's 132 processors), columns per tile, blocks per step of the combination, warps.
+BLOCK_N, BLOCK_E, BLOCK_K, NUM_WARPS = 64, 64, 32, 4
 
 
-def _settings(query: torch.Tensor, causal: bool, key_ok: torch.Tensor | None) -> dict:
+_CASTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 0}
+
+
+def _settings(query: torch.Tensor, causal: bool, key_ok: torch.Tensor | None, compute: torch.dtype) -> dict:
     return dict(BLOCK_R=max(16, triton.next_power_of_2(query.shape[1])), BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E,
-                CAUSAL=causal, HAS_OK=key_ok is not None,
-                PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+                CAUSAL=causal, HAS_OK=key_ok is not None, CAST=_CASTS[compute],
+                PRECISION="ieee" if compute == torch.float32 else "tf32", num_warps=NUM_WARPS)
 
 
 class _GlobalQueries(torch.autograd.Function):
     """See the module's docstring; the arguments are those of `global_queries_attend`, made contiguous."""
 
     @staticmethod
-    def forward(ctx, query, inputs, key_ok, positions, causal, scale):
+    def forward(ctx, query, inputs, key_ok, positions, causal, scale, compute):
         b, rows, hidden = query.shape
         t = inputs.shape[1]
         blocks = triton.cdiv(t, BLOCK_N)
-        settings = _settings(query, causal, key_ok)
+        settings = _settings(query, causal, key_ok, compute)
         parts = torch.empty(b, rows, blocks, hidden, dtype=torch.float32, device=query.device)
         maxima, sums = torch.empty(2, b, rows, blocks, dtype=torch.float32, device=query.device).unbind(0)
         out = torch.empty_like(query)
@@ -194,18 +206,18 @@ class _GlobalQueries(torch.autograd.Function):
                 parts, maxima, sums, out, row_max, log_total, hidden, blocks, BLOCK_K=BLOCK_K, BLOCK_E=BLOCK_E,
                 num_warps=NUM_WARPS)
         ctx.save_for_backward(query, inputs, key_ok, positions, out, row_max, log_total)
-        ctx.constants = (causal, scale)
+        ctx.constants = (causal, scale, compute)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         query, inputs, key_ok, positions, out, row_max, log_total = ctx.saved_tensors
-        causal, scale = ctx.constants
+        causal, scale, compute = ctx.constants
         b, rows, hidden = query.shape
         t = inputs.shape[1]
         blocks = triton.cdiv(t, BLOCK_N)
-        settings = _settings(query, causal, key_ok)
+        settings = _settings(query, causal, key_ok, compute)
         grad = grad.contiguous()
         dx = torch.empty_like(inputs)
         dq_parts = torch.empty(b, rows, blocks, hidden, dtype=torch.float32, device=query.device)
@@ -215,18 +227,21 @@ class _GlobalQueries(torch.autograd.Function):
                 query, inputs, ok, positions, out, row_max, log_total, grad, dx, dq_parts, rows, t, hidden,
                 positions.shape[1], blocks, scale, inputs.stride(0), inputs.stride(1), dx.stride(0), dx.stride(1),
                 **settings)
-        return dq_parts.sum(dim=2).to(query.dtype), dx, None, None, None, None
+        return dq_parts.sum(dim=2).to(query.dtype), dx, None, None, None, None, None
 
 
 def global_queries_attend(query: torch.Tensor, inputs: torch.Tensor, key_ok: torch.Tensor | None,
-                          positions: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+                          positions: torch.Tensor, causal: bool, scale: float,
+                          compute: torch.dtype | None = None) -> torch.Tensor:
     """Softmax attention of R = H * G rows over every token's input: query (B, R, E), row h * G + g the global
-    token g of head h with the key map folded in; inputs (B, T, E), the keys and values alike (any float dtype,
-    read as is and multiplied in the query's dtype); key_ok (B, T) bool or None (every key real); positions (B, G)
-    int, the global tokens' positions (read when causal: a row attends to keys up to its token's position). Returns
-    (B, R, E) in the query's dtype. CUDA (or Triton's interpreter) only: see `global_keys_kernel.kernel_available`."""
+    token g of head h with the key map folded in; inputs (B, T, E), the keys and values alike; key_ok (B, T) bool
+    or None (every key real); positions (B, G) int, the global tokens' positions (read when causal: a row attends
+    to keys up to its token's position); compute: the dtype the products take (default the query's; under
+    autocast its dtype): query and inputs are read in their own dtypes and cast in registers. Returns (B, R, E)
+    in the query's dtype. CUDA (or Triton's interpreter) only: see `global_keys_kernel.kernel_available`."""
     if inputs.stride(-1) != 1:
         inputs = inputs.contiguous()
     if key_ok is not None:
         key_ok = (key_ok.view(torch.int8) if key_ok.dtype == torch.bool else key_ok.to(torch.int8)).contiguous()
-    return _GlobalQueries.apply(query.contiguous(), inputs, key_ok, positions.contiguous(), causal, scale)
+    return _GlobalQueries.apply(query.contiguous(), inputs, key_ok, positions.contiguous(), causal, scale,
+                                compute or query.dtype)

@@ -22,12 +22,18 @@ joint softmax), which reuses `dense_attend` and never concatenates scores.
 The number of global tokens G is the only size read from the data; without a global mask the global path is
 skipped (that choice depends on whether a mask is passed, not on its values).
 
+The global queries' key and value maps are folded into the G queries (`_global_queries`), so no (T, hidden) global
+keys or values are projected.
+
 Fast path (on CUDA by default, see `flex`): the window part runs through FlexAttention instead
-(`flex_window_attend`, same pairs and results); the global parts stay as they are (G keys or G queries per row are
-few, and their positions are data, which a cached block mask cannot hold)."""
+(`flex_window_attend`, same pairs and results); the global parts run as Triton kernels (their positions are data,
+which a cached block mask cannot hold): every query's global keys merged with its window's result, and the global
+tokens' rows written, in one kernel each way (`global_keys_kernel`); the global queries over every token in
+split-key kernels (`global_queries_kernel`)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -284,6 +290,12 @@ class GlobalTokens:
         return x.gather(2, idx)
 
 
+def _product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products of ``x`` take: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class SlidingWindowSelfAttention(nn.Module):
     """Multi-head Longformer self-attention: sliding window (dilated per head) plus symmetric global attention.
 
@@ -415,10 +427,10 @@ class SlidingWindowSelfAttention(nn.Module):
         b, t, _ = hidden_states.shape
         h, d_head, num = self.num_heads, query.shape[-1], glob.index.shape[1]
         scale = 1.0 / math.sqrt(d_head)
-        if not self._global_kernels_run(query):
-            # query is a view of the fused q/k/v projection: one contiguous copy serves the window part and the
-            # global keys' part (whose query blocks are then views); the kernels read it through its strides
-            query = query.contiguous()
+        # query is a view of the fused q/k/v projection: one contiguous copy serves the window part (FlexAttention
+        # takes contiguous inputs) and the global keys' part, and what they keep for backward does not hold on to
+        # the keys and values too (read through its strides, the kernel kept the whole (T, 3 * hidden) buffer)
+        query = query.contiguous()
         out, lse = self._window_part(query, key, value, key_ok)
         # The global tokens' own inputs, from which their keys and values (ordinary projections) and queries
         # (global projections) are projected again: G rows each, and one gather whose backward is a (T, hidden)
@@ -430,16 +442,19 @@ class SlidingWindowSelfAttention(nn.Module):
         def heads(x):  # (B, G, H * D) -> (B, H, G, D)
             return x.view(b, num, h, d_head).transpose(1, 2)
 
-        if anything_watching(self.key) or anything_watching(self.value):
-            g_key, g_value, g_query = glob.gather(key), glob.gather(value), heads(self.query_global(g_hidden))
-        else:
-            rows = project(g_hidden, [self.key, self.value, self.query_global], few_rows=True)
-            g_key, g_value, g_query = map(heads, rows)
-        # Global queries attend to every real key with the global projections: (B, H, G, D)
-        g_out = self._global_queries(hidden_states, g_query, key_ok, glob, scale)
+        kernels = self._global_kernels_run(query)
+        compute = _product_dtype(hidden_states)
+        with self._few_rows(hidden_states, kernels):
+            if anything_watching(self.key) or anything_watching(self.value):
+                g_key, g_value, g_query = glob.gather(key), glob.gather(value), heads(self.query_global(g_hidden))
+            else:
+                rows = project(g_hidden, [self.key, self.value, self.query_global], few_rows=True)
+                g_key, g_value, g_query = map(heads, rows)
+            # Global queries attend to every real key with the global projections: (B, H, G, D)
+            g_out = self._global_queries(hidden_states, g_query, key_ok, glob, scale, kernels, compute)
         # Every query also attends to the global keys outside its window (ordinary projections); each global
         # token takes its row of g_out, written at its position
-        if self._global_kernels_run(query):
+        if kernels:
             before, after = (self.window, 0) if self.causal else (self.window // 2, self.window // 2)
             dilation = self._on_device(self.dilation, query.device)
             return merge_global_keys(query, out, lse, g_key, g_value, g_out, glob.index, glob.valid, glob.slots,
@@ -459,9 +474,21 @@ class SlidingWindowSelfAttention(nn.Module):
         dropout_active = self.dropout.training and self.dropout.p > 0
         return not dropout_active and kernel_available(tensor) and use_fast_path(tensor, flex=False)
 
-    def _global_queries(self, hidden_states, g_query, key_ok, glob: GlobalTokens, scale) -> torch.Tensor:
+    def _few_rows(self, hidden_states: torch.Tensor, kernels: bool):
+        """Where the global tokens' few-row products run. With the kernels, under autocast, and inputs in the
+        weights' dtype: in that dtype, without autocast, which would cast every weight and bias (a kernel each,
+        forward and backward: more launches than the products themselves, at G rows); the kernels cast their
+        tiles to the autocast dtype in registers."""
+        device = hidden_states.device.type
+        if kernels and torch.is_autocast_enabled(device) and hidden_states.dtype == self.query_global.weight.dtype:
+            return torch.autocast(device, enabled=False)
+        return contextlib.nullcontext()
+
+    def _global_queries(self, hidden_states, g_query, key_ok, glob: GlobalTokens, scale, kernels: bool,
+                        compute: torch.dtype) -> torch.Tensor:
         """The global queries' attention over every real (and, when causal, not later) key with the global key
-        and value maps: g_query (B, H, G, D), key_ok (B, T) bool or None (no padding). Returns (B, H, G, D).
+        and value maps: g_query (B, H, G, D), key_ok (B, T) bool or None (no padding); ``kernels``: through
+        `global_queries_kernel`, with products in ``compute``. Returns (B, H, G, D).
 
         The maps are folded into the G queries instead of applied to the T tokens: with the head's rows W_k, b_k
         and W_v, b_v of the maps, q . (W_k x_t + b_k) = (q W_k) . x_t + q . b_k, whose last term is the same for
@@ -472,12 +499,11 @@ class SlidingWindowSelfAttention(nn.Module):
         is applied to every token as written."""
         b, h, num, d_head = g_query.shape
         t, hidden = hidden_states.shape[1:]
-        if self._global_kernels_run(hidden_states) and not (anything_watching(self.key_global)
-                                                             or anything_watching(self.value_global)):
+        if kernels and not (anything_watching(self.key_global) or anything_watching(self.value_global)):
             folded = torch.matmul(g_query, self.key_global.weight.view(h, d_head, hidden))  # (B, H, G, hidden)
             # the inputs are read as they are, in their own dtype
             mixed = global_queries_attend(folded.reshape(b, h * num, hidden), hidden_states, key_ok, glob.index,
-                                          self.causal, scale)
+                                          self.causal, scale, compute)
             return self._global_values(mixed.view(b, h, num, hidden))
         allowed = torch.ones(b, t, dtype=torch.bool, device=g_query.device) if key_ok is None else key_ok
         allowed = allowed[:, None, None, :]  # (B, 1, 1, T)
