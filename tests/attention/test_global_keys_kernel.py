@@ -15,8 +15,15 @@ import torch
 
 from subquadratic.modeling.attention import sliding_window
 from subquadratic.modeling.attention.flex import fast_paths
-from subquadratic.modeling.attention.global_keys_kernel import BLOCK_T, merge_global_keys, triton
-from subquadratic.modeling.attention.sliding_window import SlidingWindowSelfAttention
+from subquadratic.modeling.attention.global_keys_kernel import (
+    BLOCK_T,
+    MAX_GLOBAL,
+    kernel_available,
+    merge_global_keys,
+    triton,
+)
+from subquadratic.modeling.attention.global_queries_kernel import MAX_ROWS
+from subquadratic.modeling.attention.sliding_window import GlobalTokens, SlidingWindowSelfAttention
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernel = pytest.mark.skipif(triton is None or not (torch.cuda.is_available() or INTERPRETED),
@@ -110,23 +117,10 @@ def test_no_global_keys_leave_the_window_result():
     assert not grads[0].any() and not grads[2].any() and (grads[1] == 1).all()
 
 
-@needs_kernel
-@pytest.mark.parametrize("causal", [False, True])
-def test_module_with_both_global_kernels_equals_readable_path(causal, monkeypatch):
-    """`SlidingWindowSelfAttention` with the global parts as kernels (the merged keys here, the global queries of
-    `global_queries_kernel`) against its readable path: outputs and every gradient, with padding and dilation.
-    On CPU the kernels run in Triton's interpreter (made available to the module for this test)."""
-    monkeypatch.setattr(sliding_window, "kernel_available", lambda tensor: True)
-    torch.manual_seed(0)
-    module = SlidingWindowSelfAttention(64, 4, 8, [1, 2, 1, 3], causal=causal).to(DEVICE)
-    t = BLOCK_T + 70
-    x = torch.randn(2, t, 64, device=DEVICE, requires_grad=True)
-    padding = torch.ones(2, t, dtype=torch.bool, device=DEVICE)
-    padding[0, t - 20:] = False
-    glob = torch.zeros(2, t, dtype=torch.bool, device=DEVICE)
-    glob[0, [0, 9]] = True
-    glob[1, [40, 41, 100]] = True
-    weight = torch.randn(2, t, 64, device=DEVICE)
+def readable_and_kernel_results(module, x, padding, glob, kernel_calls=None):
+    """[outputs at real positions, input gradient, parameter gradients] of ``module``, readable path and kernel
+    path (on CPU the kernels run in Triton's interpreter, made available to the module by the caller)."""
+    weight = torch.randn(x.shape, device=x.device)
     results = []
     for fast in (False, True):
         module.zero_grad()
@@ -136,5 +130,95 @@ def test_module_with_both_global_kernels_equals_readable_path(causal, monkeypatc
         (out[padding] * weight[padding]).sum().backward()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in module.parameters()]
         results.append([out[padding].detach(), x.grad.clone()] + [g.clone() for g in grads])
+    return results
+
+
+def assert_same_results(results):
     for got, expected in zip(results[1], results[0]):
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def module_case(causal, t, global_at, seed=0):
+    torch.manual_seed(seed)
+    module = SlidingWindowSelfAttention(64, 4, 8, [1, 2, 1, 3], causal=causal).to(DEVICE)
+    x = torch.randn(2, t, 64, device=DEVICE, requires_grad=True)
+    padding = torch.ones(2, t, dtype=torch.bool, device=DEVICE)
+    padding[0, t - 20:] = False
+    glob = torch.zeros(2, t, dtype=torch.bool, device=DEVICE)
+    for row, cols in enumerate(global_at):
+        glob[row, cols] = True
+    return module, x, padding, glob
+
+
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    """The module takes its kernel path on CPU too (Triton's interpreter), for float dtypes the kernels take."""
+    monkeypatch.setattr(sliding_window, "kernel_available",
+                        lambda tensor: tensor.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [False, True])
+def test_module_with_both_global_kernels_equals_readable_path(causal, kernels_on_cpu):
+    """`SlidingWindowSelfAttention` with the global parts as kernels (the merged keys here, the global queries of
+    `global_queries_kernel`) against its readable path: outputs and every gradient, with padding and dilation."""
+    assert_same_results(readable_and_kernel_results(*module_case(causal, BLOCK_T + 70, [[0, 9], [40, 41, 100]])))
+
+
+@needs_kernel
+def test_module_with_more_global_rows_than_the_queries_kernel_holds(kernels_on_cpu):
+    """4 heads x 17 global tokens: more rows than `MAX_ROWS`, so the global queries take the readable path while
+    the keys stay in their kernel. Same results."""
+    assert 4 * 17 > MAX_ROWS
+    assert_same_results(readable_and_kernel_results(*module_case(False, 100, [list(range(0, 85, 5)), [3]])))
+
+
+@needs_kernel
+def test_module_without_global_tokens_in_a_causal_kernel_path(kernels_on_cpu):
+    """An all-False global mask (no `max_global_tokens`: G = 0) on the kernel path, causal."""
+    assert_same_results(readable_and_kernel_results(*module_case(True, 90, [[], []])))
+
+
+@needs_kernel
+def test_kernel_path_after_an_inference_mode_call_with_the_same_global_tokens(kernels_on_cpu):
+    """A `GlobalTokens` that served an inference-mode call (which built its kernel slots) then serves a training
+    step on the kernel path."""
+    module, x, padding, glob = module_case(False, 90, [[0, 9], [40]])
+    shared = GlobalTokens(glob & padding)
+    with fast_paths(True if DEVICE == "cpu" else None):
+        with torch.inference_mode():
+            module(x.detach(), padding_mask=padding, global_mask=shared)
+        out = module(x, padding_mask=padding, global_mask=shared)
+    (grad,) = torch.autograd.grad(out[padding].sum(), x)
+    with fast_paths(False):
+        expected = module(x, padding_mask=padding, global_mask=glob)
+        (expected_grad,) = torch.autograd.grad(expected[padding].sum(), x)
+    torch.testing.assert_close(out[padding], expected[padding], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad, expected_grad, atol=2e-5, rtol=1e-4)
+
+
+def test_kernels_take_only_the_float_dtypes_they_multiply_in():
+    assert not kernel_available(torch.zeros(1, dtype=torch.float64, device=DEVICE))
+
+
+@pytest.mark.skipif(triton is None or not torch.cuda.is_available(),
+                    reason="bf16 products need CUDA (Triton's interpreter multiplies bf16 wrongly)")
+def test_bf16_queries_with_fp32_keys_and_the_most_global_tokens_stay_close_to_the_exact_result():
+    """bf16 queries and window results with fp32 global keys, values and rows (as under autocast), and
+    `MAX_GLOBAL` global tokens: within bf16's rounding of the float64 result, gradients included."""
+    query, out_w, lse_w, key, value, rows, index, valid = case(num=MAX_GLOBAL, t=4 * BLOCK_T + 3, d=64)
+    t = query.shape[2]
+    dilation = torch.tensor([1, 2, 1])
+    allowed = allowed_pairs(t, index, valid, dilation, 16, 16, False)
+    upstream = torch.randn(out_w.shape)
+    inputs = [x.double().requires_grad_() for x in (query, out_w, lse_w, key, value, rows)]
+    expected = plain(*inputs, allowed, index, valid, 0.125)
+    expected_grads = torch.autograd.grad(expected, inputs, upstream.double())
+    inputs = [x.cuda().to(dtype).requires_grad_() for x, dtype in zip(
+        (query, out_w, lse_w, key, value, rows), (torch.bfloat16, torch.bfloat16) + (torch.float32,) * 4)]
+    got = merge_global_keys(*inputs, index.cuda(), valid.cuda(), slots_of(index, valid, t).cuda(), dilation, 16, 16,
+                            False, 0.125)
+    got_grads = torch.autograd.grad(got, inputs, upstream.cuda().bfloat16())
+    for g, e in zip([got, *got_grads], [expected, *expected_grads]):
+        error = (g.double().cpu() - e).abs().max()
+        assert error <= 0.03 * e.abs().max(), (error, e.abs().max())

@@ -12,7 +12,12 @@ import os
 import pytest
 import torch
 
-from subquadratic.modeling.attention.global_queries_kernel import BLOCK_N, global_queries_attend, triton
+from subquadratic.modeling.attention.global_queries_kernel import (
+    BLOCK_N,
+    MAX_ROWS,
+    global_queries_attend,
+    triton,
+)
 from subquadratic.modeling.attention.masking import MASK_VALUE
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -64,3 +69,27 @@ def test_output_and_gradients_equal_the_plain_softmax(causal, padded):
     torch.testing.assert_close(got.double().cpu(), expected, atol=1e-5, rtol=1e-4)
     for name, g, e in zip(("query", "inputs"), got_grads, expected_grads):
         torch.testing.assert_close(g.double().cpu(), e, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.skipif(triton is None or not torch.cuda.is_available(),
+                    reason="bf16 products need CUDA (Triton's interpreter multiplies bf16 wrongly)")
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_products_with_the_most_rows_stay_close_to_the_exact_result(causal):
+    """fp32 queries and inputs (as under autocast) multiplied in bf16, with `MAX_ROWS` rows: within bf16's
+    rounding of the float64 result, gradients included."""
+    gen = torch.Generator().manual_seed(0)
+    b, num, hidden, t = 1, MAX_ROWS // 8, 512, 3 * BLOCK_N + 5
+    query = torch.randn(b, 8 * num, hidden, generator=gen) * 0.05
+    inputs = torch.randn(b, t, hidden, generator=gen)
+    positions = torch.stack([torch.randperm(t, generator=gen)[:num] for _ in range(b)])
+    upstream = torch.randn(b, 8 * num, hidden, generator=gen)
+    args = [x.double().requires_grad_() for x in (query, inputs)]
+    expected = plain(*args, None, positions, causal, 0.125)
+    expected_grads = torch.autograd.grad(expected, args, upstream.double())
+    args = [x.cuda().requires_grad_() for x in (query, inputs)]
+    got = global_queries_attend(*args, None, positions.cuda(), causal, 0.125, torch.bfloat16)
+    got_grads = torch.autograd.grad(got, args, upstream.cuda())
+    for g, e in zip([got, *got_grads], [expected, *expected_grads]):
+        assert g.dtype == torch.float32
+        error = (g.double().cpu() - e).abs().max()
+        assert error <= 0.02 * e.abs().max(), (error, e.abs().max())

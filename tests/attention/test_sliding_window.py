@@ -140,8 +140,7 @@ def test_empty_global_mask_equals_no_global_mask_with_gradients():
 
 
 def parameter_grads(module) -> list[torch.Tensor]:
-    """Every parameter's gradient, zeros for None: the global key map's bias gets none, its exact gradient being
-    zero (see `SlidingWindowSelfAttention._global_queries`)."""
+    """Every parameter's gradient, zeros for None (a parameter the call did not use)."""
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
 
 
@@ -257,8 +256,8 @@ def test_hooked_key_and_value_maps_run_once_per_call_with_the_same_result():
 @pytest.mark.parametrize("causal", [False, True])
 def test_global_maps_folded_into_the_queries_equal_the_maps_applied_to_every_token(causal):
     """Plain global key and value maps are folded into the few global queries (`_global_queries`); hooked ones
-    are applied to every token as written. Same outputs and gradients (the key map's bias gets none folded: its
-    exact gradient is zero, and the applied maps give it only rounding)."""
+    are applied to every token as written. Same outputs and gradients (the key map's bias gets an exact zero
+    folded, and only rounding from the applied maps)."""
     module = make(4, [1, 2, 1, 2], causal=causal)
     x, padding, glob = inputs(2, 12, pad_from=9, global_at=[(0, 0), (0, 5), (1, 7)])
     x.requires_grad_(True)
@@ -273,6 +272,7 @@ def test_global_maps_folded_into_the_queries_equal_the_maps_applied_to_every_tok
         (out[padding] * torch.linspace(-1, 1, HIDDEN)).sum().backward()
         results.append([out[padding].detach(), x.grad.clone()] + parameter_grads(module))
     assert calls == [x.shape, x.shape]
+    assert not results[0][2 + [p is module.key_global.bias for p in module.parameters()].index(True)].any()
     assert module.key_global.bias.grad.abs().max() < 1e-6
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -35,9 +35,15 @@ except ImportError:  # pragma: no cover - CPU-only installs have no Triton; the 
     triton = None
 
 
+# Global tokens per row the merged kernel takes: its (queries, global keys) tiles outgrow an H200's shared memory
+# in fp32 past a few hundred. More take the readable path.
+MAX_GLOBAL = 64
+
+
 def kernel_available(query: torch.Tensor) -> bool:
-    """Whether the merged global-key kernel can run on ``query`` (CUDA tensors with Triton installed)."""
-    return triton is not None and query.is_cuda
+    """Whether the global-token kernels can run on ``query``: CUDA tensors of a dtype they multiply in (fp16,
+    bf16, fp32), with Triton installed."""
+    return triton is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 if triton is not None:
@@ -59,7 +65,7 @@ if triton is not None:
                     BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
         """The block's queries, the head's global keys and values, the scores with their mask, and each row's
         global slot (-1: not a global token)."""
-        b, h = pid_bh // heads, pid_bh % heads
+        b, h = (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64)  # offsets past 2^31 elements
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_d = tl.arange(0, BLOCK_D)
         offs_g = tl.arange(0, BLOCK_G)
@@ -93,7 +99,7 @@ if triton is not None:
                         D: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr,
                         PRECISION: tl.constexpr):
-        pid_bh, pid_t = tl.program_id(0), tl.program_id(1)
+        pid_t, pid_bh = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
         q, k, v, ok, scores, offs_t, in_seq, rows, row_offsets, slot, slot_offsets, io_offsets = _load_block(
             q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_bh, pid_t, heads, length, num_global,
             before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, stride_ob,
@@ -119,7 +125,7 @@ if triton is not None:
                          before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg,
                          stride_ob, stride_oh, stride_ot, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
                          CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-        pid_bh, pid_t = tl.program_id(0), tl.program_id(1)
+        pid_t, pid_bh = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
         q, k, v, ok, scores, offs_t, in_seq, rows, row_offsets, slot, slot_offsets, io_offsets = _load_block(
             q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_bh, pid_t, heads, length, num_global,
             before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, stride_ob,
@@ -149,7 +155,7 @@ if triton is not None:
         dv = tl.dot(tl.trans(probs.to(v.dtype)), grad.to(v.dtype), input_precision=PRECISION)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
-        part = (pid_bh.to(tl.int64) * tl.num_programs(1) + pid_t) * BLOCK_G * BLOCK_D
+        part = (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_t) * BLOCK_G * BLOCK_D
         part_offsets = part + offs_g[:, None] * BLOCK_D + offs_d[None, :]
         tl.store(dk_ptr + part_offsets, dk)
         tl.store(dv_ptr + part_offsets, dv)
@@ -163,7 +169,7 @@ def _launch_settings(query: torch.Tensor, num_global: int) -> dict:
     d = query.shape[-1]
     return dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_T=BLOCK_T,
                 BLOCK_G=max(16, triton.next_power_of_2(num_global)),
-                PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+                PRECISION="ieee", num_warps=NUM_WARPS)
 
 
 def _strides(*tensors: torch.Tensor) -> tuple:
@@ -188,7 +194,7 @@ class _MergeGlobalKeys(torch.autograd.Function):
         # (B, T, H, D) in memory, so that merging the heads afterwards is a view
         out = out_w.new_empty(b, t, h, out_w.shape[-1]).transpose(1, 2)
         lse = torch.empty(b, h, t, dtype=torch.float32, device=query.device)
-        grid = (b * h, triton.cdiv(t, BLOCK_T))
+        grid = (triton.cdiv(t, BLOCK_T), b * h)
         with launch_device(query):
             _forward_kernel[grid](query, key, value, out_w, lse_w, index, valid, dilation, slot, rows, out, lse, h,
                                   t, num, before, after, scale, *_strides(query, key, out), CAUSAL=causal,
@@ -205,13 +211,13 @@ class _MergeGlobalKeys(torch.autograd.Function):
         b, h, t, d = query.shape
         num = key.shape[2]
         settings = _launch_settings(query, num)
-        grid = (b * h, triton.cdiv(t, BLOCK_T))
+        grid = (triton.cdiv(t, BLOCK_T), b * h)
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
         dq, dow = query.new_empty(b, h, t, d), torch.empty_like(out_w)
         dlw = torch.empty(lse_w.shape, dtype=torch.float32, device=query.device)
         d_rows = torch.zeros(b, h, num, d, dtype=rows_dtype, device=query.device)  # slots of no token stay 0
-        parts = torch.empty(2, b * h, grid[1], settings["BLOCK_G"], settings["BLOCK_D"], dtype=torch.float32,
+        parts = torch.empty(2, b * h, grid[0], settings["BLOCK_G"], settings["BLOCK_D"], dtype=torch.float32,
                             device=query.device)
         with launch_device(query):
             _backward_kernel[grid](query, key, value, out_w, lse_w, lse, grad, index, valid, dilation, slot, dq,

@@ -44,16 +44,17 @@ if triton is not None:
             return x.to(tl.float32)
 
     @triton.jit
-    def _allowed_keys(ok_ptr, pos_ptr, pid_b, offs_r, offs_n, length, num_global,
+    def _allowed_keys(ok_ptr, pos_ptr, pid_b, offs_r, offs_n, rows, length, num_global,
                       CAUSAL: tl.constexpr, HAS_OK: tl.constexpr):
         """(BLOCK_R, BLOCK_N) bool: the row's global token may attend to key n (key in the sequence assumed)."""
         in_seq = offs_n < length
-        allowed = in_seq[None, :] & (offs_r[:, None] >= 0)
+        allowed = in_seq[None, :] & (offs_r[:, None] < rows)
         if HAS_OK:
             ok = tl.load(ok_ptr + pid_b * length + offs_n, mask=in_seq, other=0) != 0
             allowed = allowed & ok[None, :]
         if CAUSAL:
-            pos = tl.load(pos_ptr + pid_b * num_global + offs_r % num_global)
+            pos = tl.load(pos_ptr + pid_b * num_global + offs_r % tl.maximum(num_global, 1), mask=offs_r < rows,
+                          other=0)
             allowed = allowed & (offs_n[None, :] <= pos[:, None])
         return allowed
 
@@ -62,7 +63,7 @@ if triton is not None:
                         num_global, num_blocks, scale, stride_xb, stride_xt, BLOCK_R: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, CAUSAL: tl.constexpr,
                         HAS_OK: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr):
-        pid_b, pid_n = tl.program_id(0), tl.program_id(1)
+        pid_n, pid_b = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
         offs_r = tl.arange(0, BLOCK_R)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_e = tl.arange(0, BLOCK_E)
@@ -75,7 +76,7 @@ if triton is not None:
             q = tl.load(q_base + e0 + offs_e[None, :], mask=in_rows[:, None] & in_e[None, :], other=0.0)
             x = tl.load(x_base + e0 + offs_e[None, :], mask=in_seq[:, None] & in_e[None, :], other=0.0)
             scores += tl.dot(_compute(q, CAST), tl.trans(_compute(x, CAST)), input_precision=PRECISION)
-        allowed = _allowed_keys(ok_ptr, pos_ptr, pid_b, offs_r, offs_n, length, num_global, CAUSAL, HAS_OK)
+        allowed = _allowed_keys(ok_ptr, pos_ptr, pid_b, offs_r, offs_n, rows, length, num_global, CAUSAL, HAS_OK)
         scores = tl.where(allowed, scores * scale, _MASK_VALUE)
         scores = tl.where(in_seq[None, :], scores, float("-inf"))
         top = tl.max(scores, axis=1)
@@ -125,7 +126,7 @@ if triton is not None:
                          stride_dxt, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                          CAUSAL: tl.constexpr, HAS_OK: tl.constexpr, CAST: tl.constexpr,
                          PRECISION: tl.constexpr):
-        pid_b, pid_n = tl.program_id(0), tl.program_id(1)
+        pid_n, pid_b = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
         offs_r = tl.arange(0, BLOCK_R)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_e = tl.arange(0, BLOCK_E)
@@ -146,7 +147,7 @@ if triton is not None:
             scores += tl.dot(_compute(q, CAST), x, input_precision=PRECISION)
             grad_probs += tl.dot(_compute(g, CAST), x, input_precision=PRECISION)
             delta += tl.sum(g.to(tl.float32) * o.to(tl.float32), axis=1)
-        allowed = _allowed_keys(ok_ptr, pos_ptr, pid_b, offs_r, offs_n, length, num_global, CAUSAL, HAS_OK)
+        allowed = _allowed_keys(ok_ptr, pos_ptr, pid_b, offs_r, offs_n, rows, length, num_global, CAUSAL, HAS_OK)
         scores = tl.where(allowed, scores * scale, _MASK_VALUE)
         row_max = tl.load(row_max_ptr + pid_b * rows + offs_r, mask=in_rows, other=0.0)
         log_total = tl.load(log_total_ptr + pid_b * rows + offs_r, mask=in_rows, other=0.0)
@@ -173,6 +174,9 @@ if triton is not None:
 # Kernel configuration, fixed ahead of time (no autotuning at a user's first step): keys per program (64: at 16K
 # tokens, 256 programs for an H200's 132 processors), columns per tile, blocks per step of the combination, warps.
 BLOCK_N, BLOCK_E, BLOCK_K, NUM_WARPS = 64, 64, 32, 4
+# Rows (heads x global tokens) one program holds: its (rows, keys) tiles live in registers and shared memory, which
+# a block of 128 fp32 rows outgrows on an H100/H200. More rows take the readable path.
+MAX_ROWS = 64
 
 
 _CASTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 0}
@@ -181,7 +185,7 @@ _CASTS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 0}
 def _settings(query: torch.Tensor, causal: bool, key_ok: torch.Tensor | None, compute: torch.dtype) -> dict:
     return dict(BLOCK_R=max(16, triton.next_power_of_2(query.shape[1])), BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E,
                 CAUSAL=causal, HAS_OK=key_ok is not None, CAST=_CASTS[compute],
-                PRECISION="ieee" if compute == torch.float32 else "tf32", num_warps=NUM_WARPS)
+                PRECISION="ieee", num_warps=NUM_WARPS)
 
 
 class _GlobalQueries(torch.autograd.Function):
@@ -199,7 +203,7 @@ class _GlobalQueries(torch.autograd.Function):
         row_max, log_total = torch.empty(2, b, rows, dtype=torch.float32, device=query.device).unbind(0)
         ok = key_ok if key_ok is not None else positions  # not read without HAS_OK
         with launch_device(query):
-            _forward_kernel[(b, blocks)](query, inputs, ok, positions, parts, maxima, sums, rows, t, hidden,
+            _forward_kernel[(blocks, b)](query, inputs, ok, positions, parts, maxima, sums, rows, t, hidden,
                                          positions.shape[1], blocks, scale, inputs.stride(0), inputs.stride(1),
                                          **settings)
             _combine_kernel[(b * rows, triton.cdiv(hidden, BLOCK_E))](
@@ -223,7 +227,7 @@ class _GlobalQueries(torch.autograd.Function):
         dq_parts = torch.empty(b, rows, blocks, hidden, dtype=torch.float32, device=query.device)
         ok = key_ok if key_ok is not None else positions
         with launch_device(query):
-            _backward_kernel[(b, blocks)](
+            _backward_kernel[(blocks, b)](
                 query, inputs, ok, positions, out, row_max, log_total, grad, dx, dq_parts, rows, t, hidden,
                 positions.shape[1], blocks, scale, inputs.stride(0), inputs.stride(1), dx.stride(0), dx.stride(1),
                 **settings)
@@ -239,6 +243,11 @@ def global_queries_attend(query: torch.Tensor, inputs: torch.Tensor, key_ok: tor
     to keys up to its token's position); compute: the dtype the products take (default the query's; under
     autocast its dtype): query and inputs are read in their own dtypes and cast in registers. Returns (B, R, E)
     in the query's dtype. CUDA (or Triton's interpreter) only: see `global_keys_kernel.kernel_available`."""
+    if query.shape[1] > MAX_ROWS:
+        raise ValueError(f"global_queries_attend takes at most MAX_ROWS={MAX_ROWS} rows (heads x global tokens), "
+                         f"got {query.shape[1]}: use the readable path (`dense.few_queries_attend`) for more.")
+    if query.shape[1] == 0:  # no global tokens: nothing to attend (and no rows to take a position from)
+        return query.clone()
     if inputs.stride(-1) != 1:
         inputs = inputs.contiguous()
     if key_ok is not None:

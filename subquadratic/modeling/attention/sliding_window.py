@@ -44,8 +44,8 @@ from ..cache import LayerStateCache
 from ..graph_capture import capturing
 from .dense import dense_attend, few_keys_dense_attend, few_queries_attend, full_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run, use_fast_path
-from .global_keys_kernel import kernel_available, merge_global_keys
-from .global_queries_kernel import global_queries_attend
+from .global_keys_kernel import MAX_GLOBAL, kernel_available, merge_global_keys
+from .global_queries_kernel import MAX_ROWS, global_queries_attend
 from .masking import MASK_VALUE, merge_heads, split_heads
 from .projections import anything_watching, project
 
@@ -240,6 +240,21 @@ class _PutRows(torch.autograd.Function):
         return grad_x, at_rows.masked_fill(~keep, 0).to(ctx.rows_dtype), None, None
 
 
+class _ZeroGradientTo(torch.autograd.Function):
+    """x unchanged, and an exact zero gradient for ``parameter``, on which x depends only through a term that
+    leaves it unchanged. Keeps the parameter in the graph: DDP without `find_unused_parameters` expects a gradient
+    for every parameter, and optimizers see the same parameters with and without the fold."""
+
+    @staticmethod
+    def forward(ctx, x, parameter):
+        ctx.like = parameter.detach()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.zeros_like(ctx.like)
+
+
 def put_rows(x: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """x (B, H, T, D) with x[b, :, index[b, g]] = rows[b, :, g] where valid[b, g]; the positions of a row of
     ``index`` are distinct. Writes into x (which must be a result nothing else uses) and returns it."""
@@ -271,18 +286,20 @@ class GlobalTokens:
         self.valid = torch.arange(num, device=global_mask.device) < count[:, None]
         self.mask = global_mask
         self.key_masks: dict = {}  # the layers' global-key masks by their settings, built once
-        self._slots: torch.Tensor | None = None
+        self._slots: dict = {}
 
     @property
     def slots(self) -> torch.Tensor:
-        """(B, T) int32: each global token's slot in ``index``, -1 elsewhere (built once, for the kernels)."""
-        if self._slots is None:
+        """(B, T) int32: each global token's slot in ``index``, -1 elsewhere (for the kernels; built once per
+        mode: one built under inference mode could not be saved for a backward pass)."""
+        mode = torch.is_inference_mode_enabled()
+        if mode not in self._slots:
             b, t = self.mask.shape
             ids = torch.arange(self.index.shape[1], dtype=torch.int32, device=self.mask.device).expand(b, -1)
             ids = torch.where(self.valid, ids, -1)  # padded slots point at positions that are not global
-            self._slots = torch.full((b, t), -1, dtype=torch.int32, device=self.mask.device)
-            self._slots.scatter_(1, self.index, ids)
-        return self._slots
+            slots = torch.full((b, t), -1, dtype=torch.int32, device=self.mask.device)
+            self._slots[mode] = slots.scatter_(1, self.index, ids)
+        return self._slots[mode]
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D) -> (B, H, G, D) at the global positions."""
@@ -442,7 +459,7 @@ class SlidingWindowSelfAttention(nn.Module):
         def heads(x):  # (B, G, H * D) -> (B, H, G, D)
             return x.view(b, num, h, d_head).transpose(1, 2)
 
-        kernels = self._global_kernels_run(query)
+        kernels = self._global_kernels_run(query) and num <= MAX_GLOBAL
         compute = _product_dtype(hidden_states)
         with self._few_rows(hidden_states, kernels):
             if anything_watching(self.key) or anything_watching(self.value):
@@ -492,14 +509,15 @@ class SlidingWindowSelfAttention(nn.Module):
 
         The maps are folded into the G queries instead of applied to the T tokens: with the head's rows W_k, b_k
         and W_v, b_v of the maps, q . (W_k x_t + b_k) = (q W_k) . x_t + q . b_k, whose last term is the same for
-        every key and leaves the softmax unchanged (its exact gradient is zero, and b_k gets none), and
+        every key and leaves the softmax unchanged (b_k gets its exact gradient, zero), and
         sum_t p_t (W_v x_t + b_v) = W_v (sum_t p_t x_t) + b_v. So the scores are (G, hidden) queries against the
         inputs themselves: the (T, 2 * hidden) projection of every token, its backward and the (T, hidden) keys
         and values kept for it are not needed. A map that does more than its weights (see `anything_watching`)
         is applied to every token as written."""
         b, h, num, d_head = g_query.shape
         t, hidden = hidden_states.shape[1:]
-        if kernels and not (anything_watching(self.key_global) or anything_watching(self.value_global)):
+        if (kernels and h * num <= MAX_ROWS
+                and not (anything_watching(self.key_global) or anything_watching(self.value_global))):
             folded = torch.matmul(g_query, self.key_global.weight.view(h, d_head, hidden))  # (B, H, G, hidden)
             # the inputs are read as they are, in their own dtype
             mixed = global_queries_attend(folded.reshape(b, h * num, hidden), hidden_states, key_ok, glob.index,
@@ -528,7 +546,10 @@ class SlidingWindowSelfAttention(nn.Module):
         h, d_head = self.num_heads, self.value_global.out_features // self.num_heads
         w_value = self.value_global.weight.view(h, d_head, -1)
         g_out = torch.matmul(mixed, w_value.transpose(1, 2))
-        return g_out if self.value_global.bias is None else g_out + self.value_global.bias.view(h, 1, d_head)
+        if self.value_global.bias is not None:
+            g_out = g_out + self.value_global.bias.view(h, 1, d_head)
+        # the key map's bias added q . b_k to every score of a query: folded away, its gradient is an exact zero
+        return g_out if self.key_global.bias is None else _ZeroGradientTo.apply(g_out, self.key_global.bias)
 
     def _global_key_mask(self, glob: GlobalTokens, length: int) -> torch.Tensor:
         """(B, 1 or H, T, G) bool: which global keys each query attends to outside its window (and, when causal,
