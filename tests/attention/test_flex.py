@@ -66,6 +66,15 @@ def test_block_masks_are_built_once_per_key():
     assert dense.shape == (4, 4) and dense.diagonal().all() and not dense[0, 3]
 
 
+def test_a_block_mask_first_built_under_inference_mode_can_serve_a_training_step():
+    """Built outside inference mode: an inference tensor could not be saved for a later step's backward pass."""
+    with torch.inference_mode():
+        mask = flex.cached_block_mask(("test-band-inference", 4), lambda b, h, q, k: (q - k).abs() <= 4, None, None,
+                                      64, 64, "cpu", block_size=16)
+    tensors = [mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices]
+    assert not any(t.is_inference() for t in tensors if t is not None)
+
+
 def _blocks(mask):
     """The partial and full blocks of a BlockMask, as dense (B, H, q blocks, kv blocks) tables."""
     dense = mask.to_dense()

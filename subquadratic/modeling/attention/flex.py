@@ -140,11 +140,14 @@ def cached_block_mask(key: Hashable, mask_mod: Callable, batch: int | None, head
     (`build_block_mask`).
 
     ``key`` must name everything ``mask_mod`` depends on (the mechanism, its settings and the lengths); masks whose
-    mask_mod reads tensors that change between calls must not be cached."""
+    mask_mod reads tensors that change between calls must not be cached. A mask first needed under inference mode
+    is built outside it: inference tensors cannot be saved for the backward pass of a later training step."""
     full_key = (key, batch, heads, q_len, kv_len, str(device), block_size, reach)
     mask = _BLOCK_MASKS.get(full_key)
     if mask is None:
-        mask = build_block_mask(mask_mod, batch, heads, q_len, kv_len, device, block_size, reach)
+        outside = torch.inference_mode(False) if not torch.compiler.is_compiling() else contextlib.nullcontext()
+        with outside:
+            mask = build_block_mask(mask_mod, batch, heads, q_len, kv_len, device, block_size, reach)
         _BLOCK_MASKS[full_key] = mask
         if len(_BLOCK_MASKS) > _MAX_CACHED_MASKS:
             _BLOCK_MASKS.popitem(last=False)
