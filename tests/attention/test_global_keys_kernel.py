@@ -1,14 +1,12 @@
 """The merged global-key kernel (`global_keys_kernel`, Triton) against the plain formula: one softmax per query
 over its window's part (as one entry with score l_w and value out_w) and the global keys outside its window.
 
-Runs on CUDA, or on CPU through Triton's interpreter (`TRITON_INTERPRET=1` set before starting Python); skipped
-where Triton is not installed (CPU-only installs, such as CI's). The module-level comparison with the readable
-path runs in `test_sliding_window.py` (its GPU tests)."""
+Where these run: `triton_checks`. The module with both global kernels is compared with its readable path here
+and in `test_sliding_window.py` (its GPU tests)."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -20,15 +18,10 @@ from subquadratic.modeling.attention.global_keys_kernel import (
     MAX_GLOBAL,
     kernel_available,
     merge_global_keys,
-    triton,
 )
 from subquadratic.modeling.attention.global_queries_kernel import MAX_ROWS
 from subquadratic.modeling.attention.sliding_window import GlobalTokens, SlidingWindowSelfAttention
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-needs_kernel = pytest.mark.skipif(triton is None or not (torch.cuda.is_available() or INTERPRETED),
-                                  reason="needs Triton, and CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.attention.triton_checks import DEVICE, needs_cuda_kernel, needs_kernel
 
 
 def allowed_pairs(t, index, valid, dilation, before, after, causal):
@@ -201,8 +194,7 @@ def test_kernels_take_only_the_float_dtypes_they_multiply_in():
     assert not kernel_available(torch.zeros(1, dtype=torch.float64, device=DEVICE))
 
 
-@pytest.mark.skipif(triton is None or not torch.cuda.is_available(),
-                    reason="bf16 products need CUDA (Triton's interpreter multiplies bf16 wrongly)")
+@needs_cuda_kernel
 def test_bf16_queries_with_fp32_keys_and_the_most_global_tokens_stay_close_to_the_exact_result():
     """bf16 queries and window results with fp32 global keys, values and rows (as under autocast), and
     `MAX_GLOBAL` global tokens: within bf16's rounding of the float64 result, gradients included."""

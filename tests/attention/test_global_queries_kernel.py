@@ -1,13 +1,10 @@
 """The global queries' kernels (`global_queries_kernel`, Triton) against the plain formula: each row's softmax over
 every allowed key's input (finite MASK_VALUE for padding and, when causal, later keys), times the inputs.
 
-Runs on CUDA, or on CPU through Triton's interpreter (`TRITON_INTERPRET=1` set before starting Python); skipped
-where Triton is not installed (CPU-only installs, such as CI's). The module-level comparison with the readable
-path runs in `test_sliding_window.py` (its GPU tests)."""
+Where these run: `triton_checks`. The module-level comparisons with the readable path are in
+`test_global_keys_kernel.py` and `test_sliding_window.py` (its GPU tests)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -16,14 +13,9 @@ from subquadratic.modeling.attention.global_queries_kernel import (
     BLOCK_N,
     MAX_ROWS,
     global_queries_attend,
-    triton,
 )
 from subquadratic.modeling.attention.masking import MASK_VALUE
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-needs_kernel = pytest.mark.skipif(triton is None or not (torch.cuda.is_available() or INTERPRETED),
-                                  reason="needs Triton, and CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.attention.triton_checks import DEVICE, needs_cuda_kernel, needs_kernel
 
 
 def plain(query, inputs, key_ok, positions, causal, scale):
@@ -71,8 +63,7 @@ def test_output_and_gradients_equal_the_plain_softmax(causal, padded):
         torch.testing.assert_close(g.double().cpu(), e, atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.skipif(triton is None or not torch.cuda.is_available(),
-                    reason="bf16 products need CUDA (Triton's interpreter multiplies bf16 wrongly)")
+@needs_cuda_kernel
 @pytest.mark.parametrize("causal", [False, True])
 def test_bf16_products_with_the_most_rows_stay_close_to_the_exact_result(causal):
     """fp32 queries and inputs (as under autocast) multiplied in bf16, with `MAX_ROWS` rows: within bf16's

@@ -1,24 +1,17 @@
 """The fused LSH hash (`hash_kernel`, Triton) against the readable hash of `lsh.hash_vectors`.
 
-Runs on CUDA, or on CPU through Triton's interpreter (`TRITON_INTERPRET=1` set before starting Python); skipped
-where Triton is not installed (CPU-only installs, such as CI's), but for the TF32 rounding both paths share."""
+Where these run: `triton_checks` (the test of the TF32 rounding both paths share runs everywhere)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 from subquadratic.modeling.attention.flex import fast_paths
-from subquadratic.modeling.attention.hash_kernel import fused_buckets, launch_buckets, round_to_tf32, triton
+from subquadratic.modeling.attention.hash_kernel import fused_buckets, launch_buckets, round_to_tf32
 from subquadratic.modeling.attention.lsh import hash_vectors, rotation_width
 from subquadratic.modeling.attention.masking import split_heads
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-needs_kernel = pytest.mark.skipif(triton is None or not (torch.cuda.is_available() or INTERPRETED),
-                                  reason="needs Triton, and CUDA or TRITON_INTERPRET=1")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.attention.triton_checks import DEVICE, needs_kernel
 
 
 def readable(vectors, rotations, num_buckets):

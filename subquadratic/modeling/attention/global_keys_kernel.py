@@ -59,12 +59,13 @@ if triton is not None:
         return ok
 
     @triton.jit
-    def _load_block(q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_bh, pid_t, heads, length,
+    def _load_block(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, heads, length,
                     num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh,
-                    stride_kg, stride_ob, stride_oh, stride_ot, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-        """The block's queries, the head's global keys and values, the scores with their mask, and each row's
-        global slot (-1: not a global token)."""
+                    stride_kg, stride_ob, stride_oh, stride_ot, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        """This program's block: its queries, the head's global keys and values, the scores with their mask, the
+        window's output and log-sum-exp, and each row's global slot (-1: not a global token)."""
+        pid_t, pid_bh = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
         b, h = (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64)  # offsets past 2^31 elements
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_d = tl.arange(0, BLOCK_D)
@@ -90,27 +91,26 @@ if triton is not None:
         # the output (forward) or its gradient (backward), through their strides
         io_offsets = (b.to(tl.int64) * stride_ob + h * stride_oh + offs_t[:, None].to(tl.int64) * stride_ot
                       + offs_d[None, :])
-        return q, k, v, ok, scores, offs_t, in_seq, rows, row_offsets, slot, slot_offsets, io_offsets
+        lse_offsets = pid_bh.to(tl.int64) * length + offs_t
+        lw = tl.load(lw_ptr + lse_offsets, mask=in_seq, other=0.0).to(tl.float32)
+        ow = tl.load(ow_ptr + row_offsets, mask=rows, other=0.0).to(tl.float32)
+        return (q, k, v, ok, scores, ow, lw, in_seq, rows, row_offsets, lse_offsets, slot, slot_offsets, io_offsets,
+                pid_t, pid_bh)
 
     @triton.jit
     def _forward_kernel(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, g_ptr,
                         out_ptr, lse_ptr, heads, length, num_global, before, after, scale, stride_qb, stride_qh,
                         stride_qt, stride_kb, stride_kh, stride_kg, stride_ob, stride_oh, stride_ot,
-                        D: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr,
-                        PRECISION: tl.constexpr):
-        pid_t, pid_bh = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
-        q, k, v, ok, scores, offs_t, in_seq, rows, row_offsets, slot, slot_offsets, io_offsets = _load_block(
-            q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_bh, pid_t, heads, length, num_global,
-            before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, stride_ob,
-            stride_oh, stride_ot, D, BLOCK_D, BLOCK_T, BLOCK_G, CAUSAL, PRECISION)
-        lse_offsets = pid_bh.to(tl.int64) * length + offs_t
-        lw = tl.load(lw_ptr + lse_offsets, mask=in_seq, other=0.0).to(tl.float32)
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                        CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        q, k, v, ok, scores, ow, lw, in_seq, rows, row_offsets, lse_offsets, slot, slot_offsets, io_offsets, _, _ = (
+            _load_block(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, heads, length,
+                        num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh,
+                        stride_kg, stride_ob, stride_oh, stride_ot, D, BLOCK_D, BLOCK_T, BLOCK_G, CAUSAL, PRECISION))
         top = tl.maximum(lw, tl.max(tl.where(ok, scores, float("-inf")), axis=1))
         probs = tl.where(ok, tl.exp(scores - top[:, None]), 0.0)
         window = tl.exp(lw - top)
         total = window + tl.sum(probs, axis=1)
-        ow = tl.load(ow_ptr + row_offsets, mask=rows, other=0.0).to(tl.float32)
         acc = (window[:, None] * ow + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)) / total[:, None]
         # a global token's row is its own attention over every key, computed by the caller
         is_global = slot >= 0
@@ -123,19 +123,17 @@ if triton is not None:
     def _backward_kernel(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, lse_ptr, grad_ptr, pos_ptr, valid_ptr, dil_ptr,
                          slot_ptr, dq_ptr, dow_ptr, dlw_ptr, dk_ptr, dv_ptr, dg_ptr, heads, length, num_global,
                          before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg,
-                         stride_ob, stride_oh, stride_ot, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
-                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-        pid_t, pid_bh = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
-        q, k, v, ok, scores, offs_t, in_seq, rows, row_offsets, slot, slot_offsets, io_offsets = _load_block(
-            q_ptr, k_ptr, v_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_bh, pid_t, heads, length, num_global,
-            before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, stride_ob,
-            stride_oh, stride_ot, D, BLOCK_D, BLOCK_T, BLOCK_G, CAUSAL, PRECISION)
-        lse_offsets = pid_bh.to(tl.int64) * length + offs_t
-        lw = tl.load(lw_ptr + lse_offsets, mask=in_seq, other=0.0).to(tl.float32)
+                         stride_ob, stride_oh, stride_ot, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        (q, k, v, ok, scores, ow, lw, in_seq, rows, row_offsets, lse_offsets, slot, slot_offsets, io_offsets, pid_t,
+         pid_bh) = _load_block(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, heads,
+                               length, num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb,
+                               stride_kh, stride_kg, stride_ob, stride_oh, stride_ot, D, BLOCK_D, BLOCK_T, BLOCK_G,
+                               CAUSAL, PRECISION)
         lse = tl.load(lse_ptr + lse_offsets, mask=in_seq, other=0.0)
         probs = tl.where(ok & in_seq[:, None], tl.exp(scores - lse[:, None]), 0.0)  # (BLOCK_T, BLOCK_G)
         window = tl.where(in_seq, tl.exp(lw - lse), 0.0)
-        ow = tl.load(ow_ptr + row_offsets, mask=rows, other=0.0).to(tl.float32)
         grad = tl.load(grad_ptr + io_offsets, mask=rows, other=0.0)
         # a global token's row came from the caller's rows: its gradient goes there, and nowhere else
         is_global = slot >= 0
