@@ -426,12 +426,12 @@ class SlidingWindowSelfAttention(nn.Module):
             return self.output(merge_heads(out))
 
         key_ok = None if padding_mask is None else real
-        return self.output(merge_heads(self._with_global_tokens(hidden_states, query, key, value, real, key_ok, glob)))
+        return self.output(merge_heads(self._with_global_tokens(hidden_states, query, key, value, key_ok, glob)))
 
     @torch.compiler.disable
-    def _with_global_tokens(self, hidden_states, query, key, value, real, key_ok, glob: GlobalTokens) -> torch.Tensor:
+    def _with_global_tokens(self, hidden_states, query, key, value, key_ok, glob: GlobalTokens) -> torch.Tensor:
         """Attention of every query when some tokens are global: its window and the global keys, and for global
-        queries every real key; real (B, T) bool, key_ok the same or None when there is no padding. Returns
+        queries every real key; key_ok (B, T) bool, True for real tokens, or None when there is no padding. Returns
         (B, H, T, D).
 
         Global keys stay in the windows (so that without padding the window part needs no key mask, which made
@@ -516,9 +516,10 @@ class SlidingWindowSelfAttention(nn.Module):
         is applied to every token as written."""
         b, h, num, d_head = g_query.shape
         t, hidden = hidden_states.shape[1:]
-        if (kernels and h * num <= MAX_ROWS
-                and not (anything_watching(self.key_global) or anything_watching(self.value_global))):
+        watched = anything_watching(self.key_global) or anything_watching(self.value_global)
+        if not watched:
             folded = torch.matmul(g_query, self.key_global.weight.view(h, d_head, hidden))  # (B, H, G, hidden)
+        if kernels and h * num <= MAX_ROWS and not watched:
             # the inputs are read as they are, in their own dtype
             mixed = global_queries_attend(folded.reshape(b, h * num, hidden), hidden_states, key_ok, glob.index,
                                           self.causal, scale, compute)
@@ -527,11 +528,10 @@ class SlidingWindowSelfAttention(nn.Module):
         allowed = allowed[:, None, None, :]  # (B, 1, 1, T)
         if self.causal:
             allowed = allowed & (torch.arange(t, device=g_query.device) <= glob.index[:, None, :, None])
-        if anything_watching(self.key_global) or anything_watching(self.value_global):
+        if watched:
             g_key, g_value = (split_heads(x, h)  # (B, H, T, D)
                               for x in project(hidden_states, [self.key_global, self.value_global]))
             return few_queries_attend(g_query, g_key, g_value, allowed, scale, self.dropout)[0]
-        folded = torch.matmul(g_query, self.key_global.weight.view(h, d_head, hidden))  # (B, H, G, hidden)
         device = hidden_states.device.type
         if torch.is_autocast_enabled(device):  # cast once for both products (autocast would cast for each)
             hidden_states = hidden_states.to(torch.get_autocast_dtype(device))
