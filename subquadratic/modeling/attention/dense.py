@@ -54,7 +54,8 @@ def few_queries_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     times the values, and in the backward pass the score gradient times the keys) runs as many short products
     added up, not as one long reduction with a tiny (Q, D) result: on an H200 that ran on a handful of thread
     blocks, 0.76 ms for 4 queries over 64K keys. Keys added to fill the last chunk are never allowed (a query with
-    no allowed key, whose output no caller uses, averages over them too). Returns (out (B, H, Q, D) in value's dtype, logsumexp (B, H, Q))."""
+    no allowed key, whose output no caller uses, averages over them too). Returns (out (B, H, Q, D) in value's
+    dtype, logsumexp (B, H, Q))."""
     b, h, q, d = query.shape
     k = key.shape[2]
     chunk = chunk or LONG_KEY_CHUNK

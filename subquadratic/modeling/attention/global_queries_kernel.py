@@ -122,8 +122,8 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(q_ptr, x_ptr, ok_ptr, pos_ptr, out_ptr, row_max_ptr, log_total_ptr, grad_ptr, dx_ptr,
-                         dq_part_ptr, rows, length, hidden, num_global, num_blocks, scale, stride_xb, stride_xt, stride_dxb,
-                         stride_dxt, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                         dq_part_ptr, rows, length, hidden, num_global, num_blocks, scale, stride_xb, stride_xt,
+                         stride_dxb, stride_dxt, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
                          CAUSAL: tl.constexpr, HAS_OK: tl.constexpr, CAST: tl.constexpr,
                          PRECISION: tl.constexpr):
         pid_n, pid_b = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
