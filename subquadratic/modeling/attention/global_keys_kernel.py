@@ -24,15 +24,12 @@ kept beyond what the window's own backward keeps. No dropout: callers take the r
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-try:
-    import triton
+from .triton_support import launch_device, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # pragma: no cover - CPU-only installs have no Triton; the readable path runs there
-    triton = None
 
 
 # Global tokens per row the merged kernel takes: its (queries, global keys) tiles outgrow an H200's shared memory
@@ -172,12 +169,6 @@ def _launch_settings(query: torch.Tensor, num_global: int) -> dict:
 
 def _strides(*tensors: torch.Tensor) -> tuple:
     return tuple(stride for x in tensors for stride in x.stride()[:3])
-
-
-def launch_device(tensor: torch.Tensor):
-    """Where to launch kernels on ``tensor``: Triton launches on the current device (CPU tensors: Triton's
-    interpreter, for tests)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 class _MergeGlobalKeys(torch.autograd.Function):

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .global_keys_kernel import launch_device, triton
 from .masking import MASK_VALUE
+from .triton_support import launch_device, triton
 
 if triton is not None:
     import triton.language as tl

@@ -20,15 +20,12 @@ opaque call (its shape function gives the output's shape without running it).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-try:
-    import triton
+from .triton_support import launch_device, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # pragma: no cover - CPU-only installs have no Triton; the readable hash runs there
-    triton = None
 
 
 def bucket_sizes(num_buckets: int | list[int]) -> list[int]:
@@ -100,8 +97,7 @@ def launch_buckets(vectors: torch.Tensor, rotations: torch.Tensor, num_buckets: 
         part = torch.empty(b, h, rounds, t, dtype=torch.long, device=vectors.device)
         block_n = min(BLOCK_N, max(16, triton.next_power_of_2(half)))
         grid = (b * h, triton.cdiv(t, block_m), rounds)
-        # Triton launches on the current device (CPU tensors: Triton's interpreter, for tests)
-        with torch.cuda.device(vectors.device) if vectors.is_cuda else contextlib.nullcontext():
+        with launch_device(vectors):
             _buckets_kernel[grid](vectors, rotations, part, h, t, rounds, *vectors.stride(), width, start, half,
                                   D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
         buckets = part if buckets is None else buckets + stride * part

@@ -532,10 +532,8 @@ class SlidingWindowSelfAttention(nn.Module):
             g_key, g_value = (split_heads(x, h)  # (B, H, T, D)
                               for x in project(hidden_states, [self.key_global, self.value_global]))
             return few_queries_attend(g_query, g_key, g_value, allowed, scale, self.dropout)[0]
-        device = hidden_states.device.type
-        if torch.is_autocast_enabled(device):  # cast once for both products (autocast would cast for each)
-            hidden_states = hidden_states.to(torch.get_autocast_dtype(device))
-        inputs = hidden_states[:, None]  # (B, 1, T, hidden): keys and values alike
+        # cast once for both products (autocast would cast for each)
+        inputs = hidden_states.to(_product_dtype(hidden_states))[:, None]  # (B, 1, T, hidden): keys and values alike
         allowed = allowed.expand(b, h, num, t).reshape(b, 1, h * num, t)
         mixed, _ = few_queries_attend(folded.reshape(b, 1, h * num, hidden), inputs, inputs, allowed, scale,
                                       self.dropout)
