@@ -15,6 +15,7 @@ from subquadratic.modeling.attention.lsh import (
     lsh_attend,
     lsh_attend_cached,
     rotation_width,
+    sort_order,
     total_buckets,
 )
 from subquadratic.modeling.cache import LayerStateCache
@@ -338,3 +339,16 @@ def test_buckets_are_the_argmax_over_rotations_and_their_negation(num_buckets, s
         stride, start = stride * size, start + size // 2
     assert (rotated == 0).any()  # ties do occur
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("num_ids", [None, 7, 2 ** 15 + 1])
+def test_sort_order_is_by_bucket_then_position_at_every_key_width(num_ids):
+    """Without a bound (int64 ids), with ids that fit int16 and with a bound that needs int32: positions sorted by
+    (bucket, position), their inverse, and the bucket at each slot."""
+    buckets = torch.randint(0, 7, (2, 3, 4, 50), generator=torch.Generator().manual_seed(0))
+    t = buckets.shape[-1]
+    order = sort_order(buckets, num_ids)
+    assert torch.equal(order.positions, (buckets * t + torch.arange(t)).argsort(dim=-1))
+    assert torch.equal(order.positions.gather(-1, order.slots), torch.arange(t).expand_as(buckets))
+    assert torch.equal(order.buckets.long(), buckets.gather(-1, order.positions))
+    assert order.buckets.dtype == {None: torch.int64, 7: torch.int16}.get(num_ids, torch.int32)

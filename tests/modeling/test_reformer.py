@@ -134,10 +134,12 @@ def test_reversible_recomputation_reuses_the_buckets_of_the_forward_pass(monkeyp
     """The backward pass recomputes each block from inputs rebuilt up to rounding; hashing those again could pick
     other buckets near a tie. Here every hash call gives new random buckets: the gradients still equal those of
     ordinary layers (which never recompute) only if the recomputation takes the forward pass's buckets, and the
-    hash runs once per LSH layer and step."""
+    hash and the sort of its buckets run once per LSH layer and step."""
     from subquadratic.modeling.attention import lsh as lsh_module
 
-    calls = []
+    calls, sorts = [], []
+    sort_order = lsh_module.sort_order
+    monkeypatch.setattr(lsh_module, "sort_order", lambda *args: sorts.append(1) or sort_order(*args))
     generator = torch.Generator().manual_seed(0)
 
     def random_buckets(vectors, rotations, num_buckets, padding_mask=None):
@@ -150,7 +152,7 @@ def test_reversible_recomputation_reuses_the_buckets_of_the_forward_pass(monkeyp
     x = ids(t=24)
     generator.manual_seed(0)
     _, grads_r = _loss_and_grads(rev, x, seed=7)
-    assert len(calls) == rev.config.attn_layers.count("lsh")
+    assert len(calls) == len(sorts) == rev.config.attn_layers.count("lsh")
     generator.manual_seed(0)
     _, grads_p = _loss_and_grads(plain, x, seed=7)
     for name, grad in grads_p.items():
