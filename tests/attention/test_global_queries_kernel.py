@@ -11,6 +11,7 @@ import torch
 
 from subquadratic.modeling.attention.global_queries_kernel import (
     BLOCK_N,
+    FORWARD_BLOCK_N,
     MAX_ROWS,
     global_queries_attend,
 )
@@ -35,7 +36,8 @@ def plain(query, inputs, key_ok, positions, causal, scale):
 @pytest.mark.parametrize("padded", [False, True])
 def test_output_and_gradients_equal_the_plain_softmax(causal, padded):
     gen = torch.Generator().manual_seed(0)
-    b, heads, num, hidden, t = 2, 3, 5, 96, 2 * BLOCK_N + 37  # hidden not a multiple of the column tile
+    # hidden not a multiple of the column tile; several blocks of keys in both directions, the last one partial
+    b, heads, num, hidden, t = 2, 3, 5, 96, 2 * max(BLOCK_N, FORWARD_BLOCK_N) + 37
     query = torch.randn(b, heads * num, hidden, generator=gen) * 0.3
     # inputs with a batch stride that is not T * E: a slice of a wider sequence
     inputs = torch.randn(b, t + 3, hidden, generator=gen)[:, 2:t + 2]
@@ -69,7 +71,7 @@ def test_bf16_products_with_the_most_rows_stay_close_to_the_exact_result(causal)
     """fp32 queries and inputs (as under autocast) multiplied in bf16, with `MAX_ROWS` rows: within bf16's
     rounding of the float64 result, gradients included."""
     gen = torch.Generator().manual_seed(0)
-    b, num, hidden, t = 1, MAX_ROWS // 8, 512, 3 * BLOCK_N + 5
+    b, num, hidden, t = 1, MAX_ROWS // 8, 512, 3 * max(BLOCK_N, FORWARD_BLOCK_N) + 5
     query = torch.randn(b, 8 * num, hidden, generator=gen) * 0.05
     inputs = torch.randn(b, t, hidden, generator=gen)
     positions = torch.stack([torch.randperm(t, generator=gen)[:num] for _ in range(b)])
