@@ -14,6 +14,7 @@ from subquadratic.modeling.attention.global_queries_kernel import (
     FORWARD_BLOCK_N,
     MAX_ROWS,
     global_queries_attend,
+    rows_beside_inputs,
 )
 from subquadratic.modeling.attention.masking import MASK_VALUE
 from tests.attention.triton_checks import DEVICE, needs_cuda_kernel, needs_kernel
@@ -86,3 +87,25 @@ def test_bf16_products_with_the_most_rows_stay_close_to_the_exact_result(causal)
         assert g.dtype == torch.float32
         error = (g.double().cpu() - e).abs().max()
         assert error <= 0.02 * e.abs().max(), (error, e.abs().max())
+
+
+@pytest.mark.parametrize("use", ["both", "rows", "inputs"])
+def test_rows_beside_inputs_give_the_gradients_of_a_plain_gather(use):
+    """The rows' gradient is added into the inputs' (in place) and equals a plain gather's, also when only the
+    rows or only the inputs are used."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 5, generator=gen)
+    positions = torch.tensor([[0, 4, 7], [8, 2, 3]])
+    w_rows, w_inputs = torch.randn(2, 3, 5, generator=gen), torch.randn(2, 9, 5, generator=gen)
+
+    def loss(rows, inputs):
+        terms = {"rows": (rows * w_rows).sum(), "inputs": (inputs * w_inputs).sum()}
+        return sum(terms.values()) if use == "both" else terms[use]
+
+    plain = x.clone().requires_grad_()
+    loss(plain.gather(1, positions[:, :, None].expand(-1, -1, 5)), plain).backward()
+    fused = x.clone().requires_grad_()
+    rows, inputs = rows_beside_inputs(fused, positions)
+    torch.testing.assert_close(rows, plain.gather(1, positions[:, :, None].expand(-1, -1, 5)))
+    loss(rows, inputs).backward()
+    torch.testing.assert_close(fused.grad, plain.grad)

@@ -240,6 +240,38 @@ class _GlobalQueries(torch.autograd.Function):
         return dq_parts.sum(dim=2).to(query.dtype), dx, None, None, None, None, None
 
 
+class _RowsBesideInputs(torch.autograd.Function):
+    """(rows of inputs at positions, inputs passed through); see `rows_beside_inputs`."""
+
+    @staticmethod
+    def forward(ctx, inputs, positions):
+        ctx.save_for_backward(positions)
+        ctx.shape = inputs.shape
+        return inputs.gather(1, positions[:, :, None].expand(-1, -1, inputs.shape[2])), inputs.view_as(inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_rows, grad_inputs):
+        (positions,) = ctx.saved_tensors
+        if grad_rows is None:
+            return grad_inputs, None
+        index = positions[:, :, None].expand(-1, -1, grad_rows.shape[2])
+        if grad_inputs is None:
+            return torch.zeros(ctx.shape, dtype=grad_rows.dtype, device=grad_rows.device).scatter_add_(
+                1, index, grad_rows), None
+        # the inputs' gradient is the queries kernel's fresh (B, T, E) result, which nothing else holds
+        return grad_inputs.scatter_add_(1, index, grad_rows.to(grad_inputs.dtype)), None
+
+
+def rows_beside_inputs(inputs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """inputs (B, T, E), positions (B, G) int64 -> (the rows at positions (B, G, E), inputs itself), for a caller
+    that computes the global queries from their own rows and passes the inputs returned here (and nothing else
+    of them) to `global_queries_attend`. The rows' gradient is then added into the kernel's input gradient in
+    place: a plain gather's backward writes a (B, T, E) zero tensor and scatters into it, which autograd then
+    adds to the kernel's, two more passes over (T, E) in fp32 per layer."""
+    return _RowsBesideInputs.apply(inputs, positions)
+
+
 def global_queries_attend(query: torch.Tensor, inputs: torch.Tensor, key_ok: torch.Tensor | None,
                           positions: torch.Tensor, causal: bool, scale: float,
                           compute: torch.dtype | None = None) -> torch.Tensor:

@@ -45,7 +45,7 @@ from ..graph_capture import capturing
 from .dense import dense_attend, few_keys_dense_attend, few_queries_attend, full_attend
 from .flex import cached_block_mask, flex_attention, flex_can_run, use_fast_path
 from .global_keys_kernel import MAX_GLOBAL, kernel_available, merge_global_keys
-from .global_queries_kernel import MAX_ROWS, global_queries_attend
+from .global_queries_kernel import MAX_ROWS, global_queries_attend, rows_beside_inputs
 from .masking import MASK_VALUE, merge_heads, split_heads
 from .projections import anything_watching, project
 
@@ -451,15 +451,21 @@ class SlidingWindowSelfAttention(nn.Module):
         out, lse = self._window_part(query, key, value, key_ok)
         # The global tokens' own inputs, from which their keys and values (ordinary projections) and queries
         # (global projections) are projected again: G rows each, and one gather whose backward is a (T, hidden)
-        # scatter, where gathering the projected keys and values cost one per tensor.
+        # scatter, where gathering the projected keys and values cost one per tensor; where the global-queries
+        # kernel runs, into that kernel's input gradient, in place (`rows_beside_inputs`).
         # A key or value map that does more than its weights say (hooks, LoRA dropout, offloading: see
         # `anything_watching`) is called once, on every row, and the global rows are gathered from its output.
-        g_hidden = hidden_states.gather(1, glob.index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
+        kernels = self._global_kernels_run(query) and num <= MAX_GLOBAL
+        folded_kernel = (kernels and h * num <= MAX_ROWS
+                         and not (anything_watching(self.key_global) or anything_watching(self.value_global)))
+        if folded_kernel:
+            g_hidden, hidden_states = rows_beside_inputs(hidden_states, glob.index)
+        else:
+            g_hidden = hidden_states.gather(1, glob.index[:, :, None].expand(-1, -1, hidden_states.shape[-1]))
 
         def heads(x):  # (B, G, H * D) -> (B, H, G, D)
             return x.view(b, num, h, d_head).transpose(1, 2)
 
-        kernels = self._global_kernels_run(query) and num <= MAX_GLOBAL
         compute = _product_dtype(hidden_states)
         with self._few_rows(hidden_states, kernels):
             if anything_watching(self.key) or anything_watching(self.value):
@@ -468,7 +474,7 @@ class SlidingWindowSelfAttention(nn.Module):
                 rows = project(g_hidden, [self.key, self.value, self.query_global], few_rows=True)
                 g_key, g_value, g_query = map(heads, rows)
             # Global queries attend to every real key with the global projections: (B, H, G, D)
-            g_out = self._global_queries(hidden_states, g_query, key_ok, glob, scale, kernels, compute)
+            g_out = self._global_queries(hidden_states, g_query, key_ok, glob, scale, folded_kernel, compute)
         # Every query also attends to the global keys outside its window (ordinary projections); each global
         # token takes its row of g_out, written at its position
         if kernels:
@@ -504,8 +510,9 @@ class SlidingWindowSelfAttention(nn.Module):
     def _global_queries(self, hidden_states, g_query, key_ok, glob: GlobalTokens, scale, kernels: bool,
                         compute: torch.dtype) -> torch.Tensor:
         """The global queries' attention over every real (and, when causal, not later) key with the global key
-        and value maps: g_query (B, H, G, D), key_ok (B, T) bool or None (no padding); ``kernels``: through
-        `global_queries_kernel`, with products in ``compute``. Returns (B, H, G, D).
+        and value maps: g_query (B, H, G, D), key_ok (B, T) bool or None (no padding); ``kernels``: the maps
+        folded, through `global_queries_kernel` (the caller checks that it takes these rows and maps), with
+        products in ``compute``. Returns (B, H, G, D).
 
         The maps are folded into the G queries instead of applied to the T tokens: with the head's rows W_k, b_k
         and W_v, b_v of the maps, q . (W_k x_t + b_k) = (q W_k) . x_t + q . b_k, whose last term is the same for
@@ -519,7 +526,7 @@ class SlidingWindowSelfAttention(nn.Module):
         watched = anything_watching(self.key_global) or anything_watching(self.value_global)
         if not watched:
             folded = torch.matmul(g_query, self.key_global.weight.view(h, d_head, hidden))  # (B, H, G, hidden)
-        if kernels and h * num <= MAX_ROWS and not watched:
+        if kernels:
             # the inputs are read as they are, in their own dtype
             mixed = global_queries_attend(folded.reshape(b, h * num, hidden), hidden_states, key_ok, glob.index,
                                           self.causal, scale, compute)
