@@ -32,6 +32,7 @@ from ...configuration.linformer import PROJECTION_KINDS, SHARING_MODES
 from .dense import dense_attend, few_keys_attend
 from .flex import use_fast_path
 from .masking import merge_heads, split_heads
+from .projections import anything_watching, product_dtype
 
 
 class SequenceProjection(nn.Module):
@@ -207,9 +208,13 @@ class LinformerSelfAttention(nn.Module):
         else:
             key_projection = self.key_projection
             value_projection = self.value_projection or key_projection
+        fast = use_fast_path(hidden_states, flex=False)  # SDPA: any torch, with a CPU backward
+        inputs_first = fast and key_projection.shared_linear and value_projection.shared_linear
+        if inputs_first and not anything_watching(self.query):
+            # both products of the inputs (the query map, the projection) take them in autocast's dtype: cast once
+            hidden_states = hidden_states.to(product_dtype(hidden_states))
         query = split_heads(self.query(hidden_states), self.num_heads)  # (B, H, T, D)
-        fast = use_fast_path(query, flex=False)  # SDPA: any torch, with a CPU backward
-        if fast and key_projection.shared_linear and value_projection.shared_linear:
+        if inputs_first:
             (key, value), slots = project_inputs_first([(key_projection, self.key), (value_projection, self.value)],
                                                        hidden_states, padding_mask)
             key, value = split_heads(key, self.num_heads), split_heads(value, self.num_heads)  # (B, H, k', D)

@@ -27,6 +27,12 @@ def anything_watching(m: nn.Module) -> bool:
     return any(own) or any(global_hooks)
 
 
+def product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products of ``x`` take: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def project(hidden_states: torch.Tensor, linears: list[nn.Module], few_rows: bool = False) -> list[torch.Tensor]:
     """[linear(hidden_states) for linear in linears], as one product where every map is a plain `nn.Linear` (no
     hooks, wrappers or offloading) with the same bias setting and the input has enough rows; otherwise each

@@ -47,7 +47,7 @@ from .flex import cached_block_mask, flex_attention, flex_can_run, use_fast_path
 from .global_keys_kernel import MAX_GLOBAL, kernel_available, merge_global_keys
 from .global_queries_kernel import MAX_ROWS, global_queries_attend, rows_beside_inputs
 from .masking import MASK_VALUE, merge_heads, split_heads
-from .projections import anything_watching, project
+from .projections import anything_watching, product_dtype, project
 
 
 def _to_dilated(x: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -307,12 +307,6 @@ class GlobalTokens:
         return x.gather(2, idx)
 
 
-def _product_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matrix products of ``x`` take: autocast's where it is on, else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 class SlidingWindowSelfAttention(nn.Module):
     """Multi-head Longformer self-attention: sliding window (dilated per head) plus symmetric global attention.
 
@@ -466,7 +460,7 @@ class SlidingWindowSelfAttention(nn.Module):
         def heads(x):  # (B, G, H * D) -> (B, H, G, D)
             return x.view(b, num, h, d_head).transpose(1, 2)
 
-        compute = _product_dtype(hidden_states)
+        compute = product_dtype(hidden_states)
         with self._few_rows(hidden_states, kernels):
             if anything_watching(self.key) or anything_watching(self.value):
                 g_key, g_value, g_query = glob.gather(key), glob.gather(value), heads(self.query_global(g_hidden))
@@ -540,7 +534,7 @@ class SlidingWindowSelfAttention(nn.Module):
                               for x in project(hidden_states, [self.key_global, self.value_global]))
             return few_queries_attend(g_query, g_key, g_value, allowed, scale, self.dropout)[0]
         # cast once for both products (autocast would cast for each)
-        inputs = hidden_states.to(_product_dtype(hidden_states))[:, None]  # (B, 1, T, hidden): keys and values alike
+        inputs = hidden_states.to(product_dtype(hidden_states))[:, None]  # (B, 1, T, hidden): keys and values alike
         allowed = allowed.expand(b, h, num, t).reshape(b, 1, h * num, t)
         mixed, _ = few_queries_attend(folded.reshape(b, 1, h * num, hidden), inputs, inputs, allowed, scale,
                                       self.dropout)
