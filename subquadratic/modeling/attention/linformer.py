@@ -32,7 +32,7 @@ from ...configuration.linformer import PROJECTION_KINDS, SHARING_MODES
 from .dense import dense_attend, few_keys_attend
 from .flex import use_fast_path
 from .masking import merge_heads, split_heads
-from .projections import anything_watching, product_dtype
+from .projections import anything_watching, concatenated_weights, product_dtype
 
 
 class SequenceProjection(nn.Module):
@@ -130,7 +130,7 @@ def project_inputs_first(pairs: list[tuple[SequenceProjection, nn.Linear]], hidd
         for projection in projections:
             projected, slots = projection(hidden_states[:, None], padding_mask)
             applied[projection] = projected[:, 0], projection(ones, padding_mask)[0][:, 0], slots
-        outs = [_map_projected(linear, *applied[projection][:2]) for projection, linear in pairs]
+        outs = [_map_projected(linear.weight, linear.bias, *applied[projection][:2]) for projection, linear in pairs]
         return outs, applied[pairs[0][0]][2]
     t = hidden_states.shape[1]
     weight = torch.cat([projection.weight[0, :, :t] for projection in projections])  # (sum k, T)
@@ -142,15 +142,29 @@ def project_inputs_first(pairs: list[tuple[SequenceProjection, nn.Linear]], hidd
         projected = torch.matmul(weight, hidden_states * keep[..., None])
         share = torch.matmul(keep, weight.t())[..., None]  # (B, sum k, 1)
     sizes = [projection.projected_length for projection in projections]
-    projected, share = projected.split(sizes, dim=1), share.split(sizes, dim=1)
-    index = {projection: i for i, projection in enumerate(projections)}
-    return [_map_projected(linear, projected[index[p]], share[index[p]]) for p, linear in pairs], None
+    starts = dict(zip(projections, [sum(sizes[:i]) for i in range(len(sizes))]))
+    linears = [linear for _, linear in pairs]
+    if len(pairs) > 1 and not any(map(anything_watching, linears)) and len({m.bias is None for m in linears}) == 1:
+        # Every map in one product over all projected rows, each pair's block taken out of it (the others are
+        # not used: k rows each, a small product), with one bias term: one product, one weight cast under
+        # autocast and one bias term in each direction instead of one per map.
+        mapped = _map_projected(*concatenated_weights(linears), projected, share)  # (B, sum k, sum of outputs)
+        outs, column = [], 0
+        for projection, linear in pairs:
+            rows = slice(starts[projection], starts[projection] + projection.projected_length)
+            outs.append(mapped[:, rows, column:column + linear.out_features])
+            column += linear.out_features
+        return outs, None
+    return [_map_projected(linear.weight, linear.bias, projected[:, starts[p]:starts[p] + p.projected_length],
+                           share[:, starts[p]:starts[p] + p.projected_length]) for p, linear in pairs], None
 
 
-def _map_projected(linear: nn.Linear, projected: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
-    """linear applied to projected rows P(x): P(x) W^T + P(1) b (in the dtype of the product)."""
-    out = nn.functional.linear(projected, linear.weight)
-    return out if linear.bias is None else out + (share * linear.bias).to(out.dtype)
+def _map_projected(weight: torch.Tensor, bias: torch.Tensor | None, projected: torch.Tensor,
+                   share: torch.Tensor) -> torch.Tensor:
+    """A linear map (weight, bias) applied to projected rows P(x): P(x) W^T + P(1) b (in the dtype of the
+    product)."""
+    out = nn.functional.linear(projected, weight)
+    return out if bias is None else out + (share * bias).to(out.dtype)
 
 
 class LinformerSelfAttention(nn.Module):

@@ -43,7 +43,12 @@ def project(hidden_states: torch.Tensor, linears: list[nn.Module], few_rows: boo
     if (len(linears) < 2 or any(anything_watching(m) for m in linears) or len({m.bias is None for m in linears}) > 1
             or (rows < sum(m.out_features for m in linears) and not few_rows)):
         return [m(hidden_states) for m in linears]
-    weight = torch.cat([m.weight for m in linears])
-    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-    out = nn.functional.linear(hidden_states, weight, bias)
+    out = nn.functional.linear(hidden_states, *concatenated_weights(linears))
     return list(out.split([m.out_features for m in linears], dim=-1))
+
+
+def concatenated_weights(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of the maps side by side: their outputs concatenated. The biases are all there or all
+    None (None: no bias)."""
+    weight = torch.cat([m.weight for m in linears])
+    return weight, None if linears[0].bias is None else torch.cat([m.bias for m in linears])
