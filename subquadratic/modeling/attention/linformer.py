@@ -143,6 +143,10 @@ def project_inputs_first(pairs: list[tuple[SequenceProjection, nn.Linear]], hidd
         share = torch.matmul(keep, weight.t())[..., None]  # (B, sum k, 1)
     sizes = [projection.projected_length for projection in projections]
     starts = dict(zip(projections, [sum(sizes[:i]) for i in range(len(sizes))]))
+
+    def rows(projection):  # the projection's rows of `projected`
+        return slice(starts[projection], starts[projection] + projection.projected_length)
+
     linears = [linear for _, linear in pairs]
     if len(pairs) > 1 and not any(map(anything_watching, linears)) and len({m.bias is None for m in linears}) == 1:
         # Every map in one product over all projected rows, each pair's block taken out of it (the others are
@@ -151,12 +155,11 @@ def project_inputs_first(pairs: list[tuple[SequenceProjection, nn.Linear]], hidd
         mapped = _map_projected(*concatenated_weights(linears), projected, share)  # (B, sum k, sum of outputs)
         outs, column = [], 0
         for projection, linear in pairs:
-            rows = slice(starts[projection], starts[projection] + projection.projected_length)
-            outs.append(mapped[:, rows, column:column + linear.out_features])
+            outs.append(mapped[:, rows(projection), column:column + linear.out_features])
             column += linear.out_features
         return outs, None
-    return [_map_projected(linear.weight, linear.bias, projected[:, starts[p]:starts[p] + p.projected_length],
-                           share[:, starts[p]:starts[p] + p.projected_length]) for p, linear in pairs], None
+    return [_map_projected(linear.weight, linear.bias, projected[:, rows(p)], share[:, rows(p)])
+            for p, linear in pairs], None
 
 
 def _map_projected(weight: torch.Tensor, bias: torch.Tensor | None, projected: torch.Tensor,

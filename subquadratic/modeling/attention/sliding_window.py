@@ -450,8 +450,7 @@ class SlidingWindowSelfAttention(nn.Module):
         # A key or value map that does more than its weights say (hooks, LoRA dropout, offloading: see
         # `anything_watching`) is called once, on every row, and the global rows are gathered from its output.
         kernels = self._global_kernels_run(query) and num <= MAX_GLOBAL
-        folded_kernel = (kernels and h * num <= MAX_ROWS
-                         and not (anything_watching(self.key_global) or anything_watching(self.value_global)))
+        folded_kernel = kernels and h * num <= MAX_ROWS and not self._global_maps_watched()
         if folded_kernel:
             g_hidden, hidden_states = rows_beside_inputs(hidden_states, glob.index)
         else:
@@ -501,6 +500,11 @@ class SlidingWindowSelfAttention(nn.Module):
             return torch.autocast(device, enabled=False)
         return contextlib.nullcontext()
 
+    def _global_maps_watched(self) -> bool:
+        """Whether the global key or value map does more than its weights say (`anything_watching`): then it is
+        applied to every token as written, not folded into the global queries."""
+        return anything_watching(self.key_global) or anything_watching(self.value_global)
+
     def _global_queries(self, hidden_states, g_query, key_ok, glob: GlobalTokens, scale, kernels: bool,
                         compute: torch.dtype) -> torch.Tensor:
         """The global queries' attention over every real (and, when causal, not later) key with the global key
@@ -517,7 +521,7 @@ class SlidingWindowSelfAttention(nn.Module):
         is applied to every token as written."""
         b, h, num, d_head = g_query.shape
         t, hidden = hidden_states.shape[1:]
-        watched = anything_watching(self.key_global) or anything_watching(self.value_global)
+        watched = self._global_maps_watched()
         if not watched:
             folded = torch.matmul(g_query, self.key_global.weight.view(h, d_head, hidden))  # (B, H, G, hidden)
         if kernels:
