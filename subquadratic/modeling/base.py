@@ -14,7 +14,7 @@ from transformers import initialization as init
 
 from .attention.lsh import LSHSelfAttention
 from .graph_capture import capturing
-from .layers.embeddings import AxialPositionEmbedding
+from .layers.embeddings import AxialTables
 from .remote_code import PACKAGE, export_remote_code
 
 
@@ -43,8 +43,8 @@ class SubquadraticPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, AxialPositionEmbedding):
-            for weight in module.weights:
+        elif isinstance(module, AxialTables):
+            for weight in module():
                 init.normal_(weight, mean=0.0, std=std)
         elif isinstance(module, LSHSelfAttention):
             init.copy_(module.fixed_rotations, module.seeded_rotations())

@@ -44,6 +44,18 @@ def check_save_load_roundtrip(model, inputs: dict, folder) -> None:
     torch.testing.assert_close(eval_outputs(reloaded, inputs), expected, rtol=0, atol=0)
 
 
+def check_cpu_offload(model, inputs: dict) -> None:
+    """Under accelerate's offloading (`cpu_offload`: parameters on the meta device between calls, brought to the
+    execution device by hooks around each module's forward, as a `device_map` that offloads does) the outputs equal
+    those of the model itself."""
+    from accelerate import cpu_offload
+
+    expected = eval_outputs(model, inputs)
+    got = eval_outputs(cpu_offload(model, execution_device=torch.device("cpu")), inputs)
+    assert any(p.device.type == "meta" for p in model.parameters())  # really offloaded
+    torch.testing.assert_close(got, expected)
+
+
 def check_auto_classes(config, auto_classes: dict, folder) -> None:
     """Every AutoModel... class resolves the config (in memory and from a saved folder) to the right class."""
     config.save_pretrained(folder)

@@ -17,6 +17,7 @@ from subquadratic.modeling.linformer import AUTO_CLASSES
 from tests.attention.test_linformer_attention import full_attention, set_identity
 from tests.modeling.common import (
     check_auto_classes,
+    check_cpu_offload,
     check_padding_invariance,
     check_remote_code,
     check_resize_token_embeddings,
@@ -185,6 +186,10 @@ def test_gradient_checkpointing_gives_same_gradients():
 def test_save_load_roundtrip(cls, tmp_path):
     model = tiny(cls, parameter_sharing="layerwise", projected_length=16)
     check_save_load_roundtrip(model, {"input_ids": ids()}, tmp_path)
+
+
+def test_cpu_offload_gives_the_same_outputs():
+    check_cpu_offload(tiny(LinformerForMaskedLM, parameter_sharing="layerwise"), {"input_ids": ids()})
 
 
 def test_auto_classes(tmp_path):

@@ -30,6 +30,7 @@ from subquadratic.modeling.longformer import AUTO_CLASSES, question_global_mask
 from tests.modeling.common import (
     check_auto_classes,
     check_causality,
+    check_cpu_offload,
     check_padding_invariance,
     check_remote_code,
     check_resize_token_embeddings,
@@ -349,6 +350,13 @@ def test_training_step_and_gradient_checkpointing():
 ])
 def test_save_load_roundtrip(cls, overrides, tmp_path):
     check_save_load_roundtrip(tiny(cls, **overrides), {"input_ids": ids()}, tmp_path)
+
+
+def test_cpu_offload_gives_the_same_outputs():
+    """With global tokens too (their maps are called as modules when watched, see `anything_watching`)."""
+    global_mask = torch.zeros(2, 23, dtype=torch.long)
+    global_mask[:, 0] = 1
+    check_cpu_offload(tiny(LongformerStyleForMaskedLM), {"input_ids": ids(), "global_attention_mask": global_mask})
 
 
 def test_auto_classes(tmp_path):

@@ -18,6 +18,7 @@ from subquadratic.modeling.reformer import AUTO_CLASSES
 from tests.modeling.common import (
     check_auto_classes,
     check_causality,
+    check_cpu_offload,
     check_padding_invariance,
     check_remote_code,
     check_resize_token_embeddings,
@@ -159,6 +160,27 @@ def test_reversible_recomputation_reuses_the_buckets_of_the_forward_pass(monkeyp
         torch.testing.assert_close(grads_r[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_reversible_equals_ordinary_layers_with_padded_positions_in_the_loss():
+    """Padding (attention_mask 0) inside the sequence's last chunk, and labels at the padded positions too: the
+    reversible stack rebuilds the padded positions' activations as well, and its gradients stay those of
+    ordinary layers (fp32)."""
+    rev, plain = _clone_pair()
+    x = ids(t=24)
+    mask = torch.ones_like(x)
+    mask[0, 17:] = 0
+    results = []
+    for model in (rev, plain):
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(7)
+        out = model(x, attention_mask=mask, labels=x)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_reversible_gradients_through_autograd_grad_and_inputs():
     """Parameters are inputs of the reversible function: torch.autograd.grad sees them, and so do inputs_embeds."""
     rev, plain = _clone_pair()
@@ -295,6 +317,21 @@ def test_tied_embeddings_share_storage(tmp_path):
     model = ReformerLMForCausalLM(tiny_config(tie_word_embeddings=True))
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     check_save_load_roundtrip(model, {"input_ids": ids(t=9)}, tmp_path)
+
+
+def test_cpu_offload_gives_the_same_outputs():
+    """Axial position tables included (read from a `ParameterList`, they stayed on the meta device)."""
+    torch.manual_seed(0)
+    check_cpu_offload(ReformerLMForCausalLM(tiny_config()), {"input_ids": ids(t=13)})
+
+
+def test_axial_position_tables_are_initialised_like_the_other_embeddings():
+    torch.manual_seed(0)
+    model = ReformerLMForCausalLM(tiny_config(initializer_range=0.05))
+    tables = model.model.embeddings.position_embeddings.weights()
+    assert len(tables) == 2
+    for table in tables:
+        assert 0.03 < table.std().item() < 0.07
 
 
 def test_resize_token_embeddings():
