@@ -349,6 +349,6 @@ def test_sort_order_is_by_bucket_then_position_at_every_key_width(num_ids):
     t = buckets.shape[-1]
     order = sort_order(buckets, num_ids)
     assert torch.equal(order.positions, (buckets * t + torch.arange(t)).argsort(dim=-1))
-    assert torch.equal(order.positions.gather(-1, order.slots), torch.arange(t).expand_as(buckets))
+    assert torch.equal(order.positions.gather(-1, order.slots()), torch.arange(t).expand_as(buckets))
     assert torch.equal(order.buckets.long(), buckets.gather(-1, order.positions))
     assert order.buckets.dtype == {None: torch.int64, 7: torch.int16}.get(num_ids, torch.int32)

@@ -109,18 +109,18 @@ def _look_one_back(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.roll(1, dims=3), x], dim=4)
 
 
-def lsh_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buckets: torch.Tensor,
+def lsh_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buckets: torch.Tensor | None,
                chunk_length: int, causal: bool, dropout: nn.Module | None = None,
                order: SortOrder | None = None) -> torch.Tensor:
     """Chunked LSH attention. query/key/value (B, H, T, D) with T a multiple of ``chunk_length``;
-    buckets (B, H, R, T); order: their `sort_order`, if the caller has it. Returns (B, H, T, D)."""
+    buckets (B, H, R, T), or None where the caller passes their `sort_order` as ``order``. Returns (B, H, T, D)."""
     order = sort_order(buckets) if order is None else order
     if flex_can_run(query, dropout):
         return _lsh_attend_flex(query, key, value, order, chunk_length, causal)
     b, h, t, d = query.shape
-    r, c = buckets.shape[2], chunk_length
+    r, c = order.positions.shape[2], chunk_length
     n = t // c
-    sorted_pos, slots = order.positions, order.slots  # (B, H, R, T)
+    sorted_pos, slots = order.positions, order.slots()  # (B, H, R, T)
 
     def sort(x):  # (B, H, T, D) -> (B, H, R, n, C, D)
         return sort_rounds(x, sorted_pos, slots).view(b, h, r, n, c, x.shape[-1])
@@ -143,13 +143,18 @@ def lsh_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, buck
 
 
 class SortOrder(NamedTuple):
-    """Each hashing round's sequence sorted by (bucket, position), all (B, H, R, T): ``positions`` (int64) the
-    original position at each sorted slot, ``slots`` its inverse (the slot of each original position), and
-    ``buckets`` the bucket at each slot (int16 or int32; int64 where `sort_order` was given no bound)."""
+    """Each hashing round's sequence sorted by (bucket, position), both (B, H, R, T): ``positions`` (int64) the
+    original position at each sorted slot, and ``buckets`` the bucket at each slot (int16 or int32; int64 where
+    `sort_order` was given no bound). The inverse permutation, `slots`, is computed where it is used, so that an
+    order kept for the reversible recomputation holds 10 bytes per entry (the buckets alone took 8)."""
 
     positions: torch.Tensor
-    slots: torch.Tensor
     buckets: torch.Tensor
+
+    def slots(self) -> torch.Tensor:
+        """(B, H, R, T) int64: the slot of each original position (a scatter, cheaper than sorting again)."""
+        order = torch.arange(self.positions.shape[-1], device=self.positions.device).expand_as(self.positions)
+        return torch.empty_like(self.positions).scatter_(-1, self.positions, order)
 
 
 def sort_order(buckets: torch.Tensor, num_ids: int | None = None) -> SortOrder:
@@ -163,9 +168,7 @@ def sort_order(buckets: torch.Tensor, num_ids: int | None = None) -> SortOrder:
     if num_ids is not None:
         buckets = buckets.to(torch.int16 if num_ids <= 2 ** 15 else torch.int32)
     sorted_buckets, positions = torch.sort(buckets, dim=-1, stable=True)
-    # the inverse permutation: a scatter, cheaper than sorting again
-    order = torch.arange(buckets.shape[-1], device=buckets.device).expand_as(positions)
-    return SortOrder(positions, torch.empty_like(positions).scatter_(-1, positions, order), sorted_buckets)
+    return SortOrder(positions, sorted_buckets)
 
 
 def _unsort_and_combine(out: torch.Tensor, lse: torch.Tensor, sorted_pos: torch.Tensor,
@@ -188,7 +191,7 @@ def _lsh_attend_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     readable path's; gradients reach the round weights through them."""
     b, h, t, d = query.shape
     r, c = order.positions.shape[2], chunk_length
-    sorted_pos, slots = order.positions, order.slots
+    sorted_pos, slots = order.positions, order.slots()
     q, k, v = (sort_rounds(x, sorted_pos, slots).view(b, h * r, t, x.shape[-1])
                for x in (query, key, value))
     slot_bucket = order.buckets.view(b, h * r, t).to(torch.int32)  # int32 (where int64: half the reads)
@@ -259,7 +262,7 @@ def lsh_attend_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     does for these positions: own bucket, not later, at most ``chunk_length`` bucket-mates back."""
     t, q_len = key.shape[2], query.shape[2]
     positions = torch.arange(t, device=query.device)
-    slots = sort_order(buckets).slots  # (B, H, R, T): slot of each position in the sorted order
+    slots = sort_order(buckets).slots()  # (B, H, R, T): slot of each position in the sorted order
     q_slots, q_bucket = slots[..., t - q_len:], buckets[..., t - q_len:]
     q_pos = positions[t - q_len:]
     allowed = ((q_bucket[..., :, None] == buckets[..., None, :])
@@ -319,13 +322,14 @@ class LSHSelfAttention(nn.Module):
         else:
             rotations = self.fixed_rotations
         new_mask = None if padding_mask is None else padding_mask[:, padding_mask.shape[1] - query.shape[2]:]
-        def hashed():  # the buckets, and their sorted order where the whole sequence is attended here
-            buckets = hash_vectors(query, rotations, self.num_buckets, new_mask)
-            num_ids = total_buckets(self.num_buckets) + 1  # padding's bucket too
-            return buckets, None if cache is not None else sort_order(buckets, num_ids)
 
-        # the reversible stack's recomputation gets the buckets and their order back (`recompute`): its
-        # hashing and sorting are skipped
+        def hashed():  # the buckets for a cache, else (the whole sequence is attended here) their sorted order
+            buckets = hash_vectors(query, rotations, self.num_buckets, new_mask)
+            if cache is not None:
+                return buckets, None
+            return None, sort_order(buckets, total_buckets(self.num_buckets) + 1)  # padding's bucket too
+
+        # the reversible stack's recomputation gets them back (`recompute`): its hashing and sorting are skipped
         buckets, order = remembered(hashed)
 
         if cache is not None and cache.has(self.layer_idx):
