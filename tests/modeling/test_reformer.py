@@ -334,6 +334,31 @@ def test_axial_position_tables_are_initialised_like_the_other_embeddings():
         assert 0.03 < table.std().item() < 0.07
 
 
+def test_axial_position_tables_under_pruning_and_parametrization():
+    """Pruning and parametrizations rename a table's parameter: the tables are still read in order, by name."""
+    from torch.nn.utils import parametrize, prune
+
+    from subquadratic.modeling.layers.embeddings import AxialPositionEmbedding
+
+    torch.manual_seed(0)
+    positions = torch.arange(16)[None]
+    embedding = AxialPositionEmbedding([4, 4], [2, 3])
+    with torch.no_grad():
+        for table in embedding.weights():
+            table.normal_()
+    expected = embedding(positions)
+    prune.identity(embedding.weights, "0")  # a mask of ones: nothing changes
+    torch.testing.assert_close(embedding(positions), expected)
+
+    class Double(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    parametrize.register_parametrization(embedding.weights, "1", Double())
+    torch.testing.assert_close(embedding(positions), torch.cat([expected[..., :2], 2 * expected[..., 2:]], dim=-1))
+    assert len(embedding.weights) == 2 and embedding.weights[0].shape == (4, 2)
+
+
 def test_resize_token_embeddings():
     torch.manual_seed(0)
     check_resize_token_embeddings(ReformerLMForCausalLM(tiny_config()), {"input_ids": ids(t=9)})

@@ -17,11 +17,19 @@ class AxialTables(nn.Module):
 
     def __init__(self, tables: list[torch.Tensor]):
         super().__init__()
+        self.count = len(tables)
         for i, table in enumerate(tables):
             self.register_parameter(str(i), nn.Parameter(table))
 
     def forward(self) -> list[torch.Tensor]:
-        return list(self._parameters.values())
+        return [self[i] for i in range(self.count)]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """Table i, by attribute (as pruning and parametrizations, which rename the parameter, provide it)."""
+        return getattr(self, str(i))
+
+    def __len__(self) -> int:
+        return self.count
 
 
 class AxialPositionEmbedding(nn.Module):
