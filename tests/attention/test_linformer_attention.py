@@ -220,3 +220,22 @@ def test_fast_path_runs_sdpa_with_a_mask_only_for_empty_slots(monkeypatch, kind,
         with fast_paths(setting):
             attn(x, padding_mask=mask)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("kind", ["linear", "mean"])
+def test_fast_path_calls_maps_that_are_watched(kind):
+    """A forward hook on the value map (as LoRA-style wrappers and offloading add) takes effect on the fast path
+    too: the inputs are not projected first then, and both paths give the hooked result."""
+    attn = make(kind, k=4, sharing="headwise").eval()
+    x = torch.randn(2, 11, HIDDEN)
+    with torch.no_grad(), fast_paths(True):
+        plain = attn(x)
+    attn.value.register_forward_hook(lambda module, inputs, output: output * 0)
+    with torch.no_grad():
+        with fast_paths(True):
+            fast = attn(x)
+        with fast_paths(False):
+            readable = attn(x)
+    torch.testing.assert_close(fast, readable)
+    torch.testing.assert_close(fast, attn.output.bias.expand_as(fast))  # zero values: only the output's bias
+    assert not torch.allclose(fast, plain)

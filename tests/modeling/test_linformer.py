@@ -13,6 +13,7 @@ from subquadratic import (
     LinformerForTokenClassification,
     LinformerModel,
 )
+from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.linformer import AUTO_CLASSES
 from tests.attention.test_linformer_attention import full_attention, set_identity
 from tests.modeling.common import (
@@ -188,8 +189,13 @@ def test_save_load_roundtrip(cls, tmp_path):
     check_save_load_roundtrip(model, {"input_ids": ids()}, tmp_path)
 
 
-def test_cpu_offload_gives_the_same_outputs():
-    check_cpu_offload(tiny(LinformerForMaskedLM, parameter_sharing="layerwise"), {"input_ids": ids()})
+@pytest.mark.parametrize("sharing", ["layerwise", "headwise"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_cpu_offload_gives_the_same_outputs(sharing, fast):
+    """On the readable path and on the fast one (SDPA, which projects the inputs first where nothing watches the
+    maps: offloaded, they are called as written)."""
+    with fast_paths(fast):
+        check_cpu_offload(tiny(LinformerForMaskedLM, parameter_sharing=sharing), {"input_ids": ids()})
 
 
 def test_auto_classes(tmp_path):

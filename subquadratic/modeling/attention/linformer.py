@@ -121,8 +121,9 @@ def project_inputs_first(pairs: list[tuple[SequenceProjection, nn.Linear]], hidd
     Learned ("linear") projections are applied together, their (k, T) matrices stacked into one product (one
     shared by several maps is applied once).
 
-    hidden_states (B, T, hidden). Returns ([(B, k', H*D) per pair], slot_mask of the first projection as
-    `SequenceProjection` gives it)."""
+    The maps' and projections' weights are read directly: they must be plain modules, with no hooks, wrappers or
+    offloading (`projections.anything_watching`; the caller checks). hidden_states (B, T, hidden). Returns
+    ([(B, k', H*D) per pair], slot_mask of the first projection as `SequenceProjection` gives it)."""
     projections = list(dict.fromkeys(projection for projection, _ in pairs))  # distinct, in order
     if any(projection.kind != "linear" for projection in projections):
         ones = hidden_states.new_ones(1, 1, hidden_states.shape[1], 1)
@@ -148,7 +149,7 @@ def project_inputs_first(pairs: list[tuple[SequenceProjection, nn.Linear]], hidd
         return slice(starts[projection], starts[projection] + projection.projected_length)
 
     linears = [linear for _, linear in pairs]
-    if len(pairs) > 1 and not any(map(anything_watching, linears)) and len({m.bias is None for m in linears}) == 1:
+    if len(pairs) > 1 and len({m.bias is None for m in linears}) == 1:
         # Every map in one product over all projected rows, each pair's block taken out of it (the others are
         # not used: k rows each, a small product), with one bias term: one product, one weight cast under
         # autocast and one bias term in each direction instead of one per map.
@@ -226,7 +227,11 @@ class LinformerSelfAttention(nn.Module):
             key_projection = self.key_projection
             value_projection = self.value_projection or key_projection
         fast = use_fast_path(hidden_states, flex=False)  # SDPA: any torch, with a CPU backward
-        inputs_first = fast and key_projection.shared_linear and value_projection.shared_linear
+        # projecting first reads the maps' and projections' weights: only where calling them does no more
+        # (hooks, wrappers, accelerate's offloading: `anything_watching`); otherwise they are called as written
+        watched = (any(anything_watching(m) for m in (self.key, self.value))
+                   or any(anything_watching(p, SequenceProjection) for p in (key_projection, value_projection)))
+        inputs_first = fast and key_projection.shared_linear and value_projection.shared_linear and not watched
         if inputs_first and not anything_watching(self.query):
             # both products of the inputs (the query map, the projection) take them in autocast's dtype: cast once
             hidden_states = hidden_states.to(product_dtype(hidden_states))

@@ -15,11 +15,11 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 
-def anything_watching(m: nn.Module) -> bool:
-    """Whether calling ``m`` does more than its weights say: a subclass or wrapper (LoRA, quantised layers), a
-    forward replaced on the instance (accelerate's offloading), or forward/backward hooks of the module or global
-    ones (module trackers, FSDP units)."""
-    if type(m) is not nn.Linear or "forward" in m.__dict__ or hasattr(m, "_hf_hook"):
+def anything_watching(m: nn.Module, plain: type = nn.Linear) -> bool:
+    """Whether calling ``m`` does more than its weights say: a subclass or wrapper of ``plain`` (LoRA, quantised
+    layers), a forward replaced on the instance (accelerate's offloading), or forward/backward hooks of the module
+    or global ones (module trackers, FSDP units)."""
+    if type(m) is not plain or "forward" in m.__dict__ or hasattr(m, "_hf_hook"):
         return True
     own = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
     global_hooks = [getattr(_module, name, None) for name in (
