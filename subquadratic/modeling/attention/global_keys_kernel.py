@@ -18,8 +18,9 @@ window's log-sum-exp l_w:
 (the joint softmax). Backward, with g the output's gradient and delta = g . out:
     d out_w = exp(l_w - L) g,  d l_w = exp(l_w - L) (g . out_w - delta),
     d s_g = P_g (g . v_g - delta),  dq = scale sum_g d s_g k_g,  dk_g = scale sum_t d s_g q_t,  dv_g = sum_t P_g g_t.
-The output is recomputed in backward from L (saved, one fp32 number per query), so nothing of size (T, D) is
-kept beyond what the window's own backward keeps. No dropout: callers take the readable path when it is active.
+The output itself is not needed in backward: with p_w = exp(l_w - L), delta = p_w (g . out_w) + sum_g P_g (g . v_g),
+from L (saved, one fp32 number per query), so nothing of size (T, D) is kept beyond what the window's own backward
+keeps. No dropout: callers take the readable path when it is active.
 """
 
 from __future__ import annotations
@@ -56,22 +57,23 @@ if triton is not None:
         return ok
 
     @triton.jit
-    def _load_block(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, heads, length,
-                    num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh,
-                    stride_kg, stride_ob, stride_oh, stride_ot, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-        """This program's block: its queries, the head's global keys and values, the scores with their mask, the
-        window's output and log-sum-exp, and each row's global slot (-1: not a global token)."""
-        pid_t, pid_bh = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
-        b, h = (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64)  # offsets past 2^31 elements
-        offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    def _load_block(q_ptr, k_ptr, v_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_t, b, h, pid_bh,
+                    length, num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh,
+                    stride_kg, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        """Query block pid_t of head (b, h): the head's global keys and values, the scores with their mask, the
+        window's log-sum-exp, and each row's global slot (-1: not a global token). Tile offsets are int32 and
+        relative to the block's first row (int64 offsets of every element held all 255 registers and spilled)."""
+        first = pid_t * BLOCK_T
+        local_t = tl.arange(0, BLOCK_T)
+        offs_t = first + local_t
         offs_d = tl.arange(0, BLOCK_D)
         offs_g = tl.arange(0, BLOCK_G)
         in_seq = offs_t < length
         rows = in_seq[:, None] & (offs_d[None, :] < D)
+        q_block = q_ptr + b * stride_qb + h * stride_qh + first.to(tl.int64) * stride_qt
+        q = tl.load(q_block + local_t[:, None] * stride_qt + offs_d[None, :], mask=rows, other=0.0)
         keys = (offs_g[:, None] < num_global) & (offs_d[None, :] < D)
-        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_t[:, None].to(tl.int64) * stride_qt
-                    + offs_d[None, :], mask=rows, other=0.0)
         key_offsets = b * stride_kb + h * stride_kh + offs_g[:, None] * stride_kg + offs_d[None, :]
         k = tl.load(k_ptr + key_offsets, mask=keys, other=0.0).to(q.dtype)  # (fp32 rows under autocast)
         v = tl.load(v_ptr + key_offsets, mask=keys, other=0.0).to(q.dtype)
@@ -81,18 +83,14 @@ if triton is not None:
         dil = tl.load(dil_ptr + h)
         ok = _allowed(offs_t, pos, valid, dil, before, after, CAUSAL)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_T, BLOCK_G) fp32
-        slot = tl.load(slot_ptr + b.to(tl.int64) * length + offs_t, mask=in_seq, other=-1)
-        # (B, H, T, D) contiguous results, and (B, H, G, D) contiguous global rows: their offsets
-        row_offsets = pid_bh.to(tl.int64) * length * D + offs_t[:, None].to(tl.int64) * D + offs_d[None, :]
-        slot_offsets = (pid_bh.to(tl.int64) * num_global + slot[:, None]) * D + offs_d[None, :]
-        # the output (forward) or its gradient (backward), through their strides
-        io_offsets = (b.to(tl.int64) * stride_ob + h * stride_oh + offs_t[:, None].to(tl.int64) * stride_ot
-                      + offs_d[None, :])
-        lse_offsets = pid_bh.to(tl.int64) * length + offs_t
-        lw = tl.load(lw_ptr + lse_offsets, mask=in_seq, other=0.0).to(tl.float32)
-        ow = tl.load(ow_ptr + row_offsets, mask=rows, other=0.0).to(tl.float32)
-        return (q, k, v, ok, scores, ow, lw, in_seq, rows, row_offsets, lse_offsets, slot, slot_offsets, io_offsets,
-                pid_t, pid_bh)
+        slot = tl.load(slot_ptr + b * length + offs_t, mask=in_seq, other=-1)
+        lse_block = pid_bh.to(tl.int64) * length + first  # (B, H, T) contiguous
+        lw = tl.load(lw_ptr + lse_block + local_t, mask=in_seq, other=0.0).to(tl.float32)
+        return q, k, v, ok, scores, lw, in_seq, rows, lse_block, slot
+
+    @triton.jit
+    def _head(pid_bh, heads):
+        return (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64)  # offsets past 2^31 elements
 
     @triton.jit
     def _forward_kernel(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, g_ptr,
@@ -100,66 +98,88 @@ if triton is not None:
                         stride_qt, stride_kb, stride_kh, stride_kg, stride_ob, stride_oh, stride_ot,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-        q, k, v, ok, scores, ow, lw, in_seq, rows, row_offsets, lse_offsets, slot, slot_offsets, io_offsets, _, _ = (
-            _load_block(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, heads, length,
-                        num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh,
-                        stride_kg, stride_ob, stride_oh, stride_ot, D, BLOCK_D, BLOCK_T, BLOCK_G, CAUSAL, PRECISION))
+        pid_t, pid_bh = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
+        b, h = _head(pid_bh, heads)
+        q, k, v, ok, scores, lw, in_seq, rows, lse_block, slot = _load_block(
+            q_ptr, k_ptr, v_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_t, b, h, pid_bh, length,
+            num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, D,
+            BLOCK_D, BLOCK_T, BLOCK_G, CAUSAL, PRECISION)
+        first = pid_t * BLOCK_T
+        local_t = tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, BLOCK_D)
         top = tl.maximum(lw, tl.max(tl.where(ok, scores, float("-inf")), axis=1))
         probs = tl.where(ok, tl.exp(scores - top[:, None]), 0.0)
         window = tl.exp(lw - top)
         total = window + tl.sum(probs, axis=1)
+        # the window's output: (B, H, T, D) contiguous
+        ow_block = ow_ptr + pid_bh.to(tl.int64) * length * D + first.to(tl.int64) * D
+        ow = tl.load(ow_block + local_t[:, None] * D + offs_d[None, :], mask=rows, other=0.0).to(tl.float32)
         acc = (window[:, None] * ow + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)) / total[:, None]
-        # a global token's row is its own attention over every key, computed by the caller
+        # a global token's row is its own attention over every key, computed by the caller ((B, H, G, D))
         is_global = slot >= 0
-        own = tl.load(g_ptr + slot_offsets, mask=rows & is_global[:, None], other=0.0).to(tl.float32)
-        acc = tl.where(is_global[:, None], own, acc)
-        tl.store(out_ptr + io_offsets, acc.to(out_ptr.dtype.element_ty), mask=rows)
-        tl.store(lse_ptr + lse_offsets, top + tl.log(total), mask=in_seq)
+        g_head = g_ptr + pid_bh.to(tl.int64) * num_global * D
+        own = tl.load(g_head + slot[:, None] * D + offs_d[None, :], mask=rows & is_global[:, None], other=0.0)
+        acc = tl.where(is_global[:, None], own.to(tl.float32), acc)
+        out_block = out_ptr + b * stride_ob + h * stride_oh + first.to(tl.int64) * stride_ot
+        tl.store(out_block + local_t[:, None] * stride_ot + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=rows)
+        tl.store(lse_ptr + lse_block + local_t, top + tl.log(total), mask=in_seq)
 
     @triton.jit
     def _backward_kernel(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, lse_ptr, grad_ptr, pos_ptr, valid_ptr, dil_ptr,
                          slot_ptr, dq_ptr, dow_ptr, dlw_ptr, dk_ptr, dv_ptr, dg_ptr, heads, length, num_global,
-                         before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg,
-                         stride_ob, stride_oh, stride_ot, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh,
+                         stride_kg, stride_ob, stride_oh, stride_ot, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr,
                          PRECISION: tl.constexpr):
-        (q, k, v, ok, scores, ow, lw, in_seq, rows, row_offsets, lse_offsets, slot, slot_offsets, io_offsets, pid_t,
-         pid_bh) = _load_block(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, heads,
-                               length, num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb,
-                               stride_kh, stride_kg, stride_ob, stride_oh, stride_ot, D, BLOCK_D, BLOCK_T, BLOCK_G,
-                               CAUSAL, PRECISION)
-        lse = tl.load(lse_ptr + lse_offsets, mask=in_seq, other=0.0)
+        pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
+        b, h = _head(pid_bh, heads)
+        q, k, v, ok, scores, lw, in_seq, rows, lse_block, slot = _load_block(
+            q_ptr, k_ptr, v_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_t, b, h, pid_bh, length,
+            num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, D,
+            BLOCK_D, BLOCK_T, BLOCK_G, CAUSAL, PRECISION)
+        first = pid_t * BLOCK_T
+        local_t = tl.arange(0, BLOCK_T)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_g = tl.arange(0, BLOCK_G)
+        lse = tl.load(lse_ptr + lse_block + local_t, mask=in_seq, other=0.0)
         probs = tl.where(ok & in_seq[:, None], tl.exp(scores - lse[:, None]), 0.0)  # (BLOCK_T, BLOCK_G)
         window = tl.where(in_seq, tl.exp(lw - lse), 0.0)
-        grad = tl.load(grad_ptr + io_offsets, mask=rows, other=0.0)
+        grad_block = grad_ptr + b * stride_ob + h * stride_oh + first.to(tl.int64) * stride_ot
+        grad = tl.load(grad_block + local_t[:, None] * stride_ot + offs_d[None, :], mask=rows, other=0.0)
         # a global token's row came from the caller's rows: its gradient goes there, and nowhere else
         is_global = slot >= 0
-        tl.store(dg_ptr + slot_offsets, grad.to(dg_ptr.dtype.element_ty), mask=rows & is_global[:, None])
+        dg_head = dg_ptr + pid_bh.to(tl.int64) * num_global * D
+        tl.store(dg_head + slot[:, None] * D + offs_d[None, :], grad.to(dg_ptr.dtype.element_ty),
+                 mask=rows & is_global[:, None])
         grad = tl.where(is_global[:, None], 0.0, grad)
         grad32 = grad.to(tl.float32)
-        out = window[:, None] * ow + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
-        delta = tl.sum(grad32 * out, axis=1)
-        tl.store(dow_ptr + row_offsets, (window[:, None] * grad32).to(dow_ptr.dtype.element_ty), mask=rows)
-        tl.store(dlw_ptr + lse_offsets, window * (tl.sum(grad32 * ow, axis=1) - delta), mask=in_seq)
+        # the window's output and its gradient, and the queries' gradient: (B, H, T, D) contiguous
+        row_block = pid_bh.to(tl.int64) * length * D + first.to(tl.int64) * D
+        row_offsets = local_t[:, None] * D + offs_d[None, :]
+        ow = tl.load(ow_ptr + row_block + row_offsets, mask=rows, other=0.0).to(tl.float32)
+        grad_ow = tl.sum(grad32 * ow, axis=1)
+        tl.store(dow_ptr + row_block + row_offsets, (window[:, None] * grad32).to(dow_ptr.dtype.element_ty),
+                 mask=rows)
         grad_probs = tl.dot(grad.to(v.dtype), tl.trans(v), input_precision=PRECISION)  # (BLOCK_T, BLOCK_G)
+        # delta = g . out with out = window out_w + P v, without forming out: g . (P v) = sum_g P_g (g . v_g)
+        delta = window * grad_ow + tl.sum(probs * grad_probs, axis=1)
+        tl.store(dlw_ptr + lse_block + local_t, window * (grad_ow - delta), mask=in_seq)
         grad_scores = probs * (grad_probs - delta[:, None])
         dq = tl.dot(grad_scores.to(k.dtype), k, input_precision=PRECISION) * scale
-        tl.store(dq_ptr + row_offsets, dq.to(dq_ptr.dtype.element_ty), mask=rows)
+        tl.store(dq_ptr + row_block + row_offsets, dq.to(dq_ptr.dtype.element_ty), mask=rows)
         # this block's share of the keys' and values' gradients: (BLOCK_G, BLOCK_D) each, in fp32
         dk = tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=PRECISION) * scale
         dv = tl.dot(tl.trans(probs.to(v.dtype)), grad.to(v.dtype), input_precision=PRECISION)
-        offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
-        part = (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_t) * BLOCK_G * BLOCK_D
+        # (only the rows of global keys that exist: the sum over blocks reads no padding)
+        part = (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_t) * num_global * BLOCK_D
         part_offsets = part + offs_g[:, None] * BLOCK_D + offs_d[None, :]
-        tl.store(dk_ptr + part_offsets, dk)
-        tl.store(dv_ptr + part_offsets, dv)
+        tl.store(dk_ptr + part_offsets, dk, mask=offs_g[:, None] < num_global)
+        tl.store(dv_ptr + part_offsets, dv, mask=offs_g[:, None] < num_global)
 
 
 # Kernel configuration, fixed ahead of time (no autotuning at a user's first step): queries per program, warps.
 BLOCK_T, NUM_WARPS = 64, 4
-
-
 def _launch_settings(query: torch.Tensor, num_global: int) -> dict:
     d = query.shape[-1]
     return dict(D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_T=BLOCK_T,
@@ -206,13 +226,12 @@ class _MergeGlobalKeys(torch.autograd.Function):
         dq, dow = query.new_empty(b, h, t, d), torch.empty_like(out_w)
         dlw = torch.empty(lse_w.shape, dtype=torch.float32, device=query.device)
         d_rows = torch.zeros(b, h, num, d, dtype=rows_dtype, device=query.device)  # slots of no token stay 0
-        parts = torch.empty(2, b * h, grid[0], settings["BLOCK_G"], settings["BLOCK_D"], dtype=torch.float32,
-                            device=query.device)
+        parts = torch.empty(2, b * h, grid[0], num, settings["BLOCK_D"], dtype=torch.float32, device=query.device)
         with launch_device(query):
             _backward_kernel[grid](query, key, value, out_w, lse_w, lse, grad, index, valid, dilation, slot, dq,
                                    dow, dlw, parts[0], parts[1], d_rows, h, t, num, before, after, scale,
                                    *_strides(query, key, grad), CAUSAL=causal, **settings)
-        dk, dv = parts.sum(dim=2)[..., :num, :d].reshape(2, b, h, num, d).to(key.dtype).unbind(0)
+        dk, dv = parts.sum(dim=2)[..., :d].reshape(2, b, h, num, d).to(key.dtype).unbind(0)
         return (dq, dow, dlw.to(lse_w.dtype), dk, dv, d_rows) + (None,) * 8
 
 
