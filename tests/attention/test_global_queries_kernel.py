@@ -89,10 +89,11 @@ def test_bf16_products_with_the_most_rows_stay_close_to_the_exact_result(causal)
         assert error <= 0.02 * e.abs().max(), (error, e.abs().max())
 
 
-@pytest.mark.parametrize("use", ["both", "rows", "inputs"])
+@pytest.mark.parametrize("use", ["both", "rows", "inputs", "split"])
 def test_rows_beside_inputs_give_the_gradients_of_a_plain_gather(use):
     """The rows' gradient is added into the inputs' (in place) and equals a plain gather's, also when only the
-    rows or only the inputs are used."""
+    rows or only the inputs are used, and when the inputs are split into parts (a fused projection's outputs),
+    one of which gets no gradient."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 9, 5, generator=gen)
     positions = torch.tensor([[0, 4, 7], [8, 2, 3]])
@@ -100,6 +101,9 @@ def test_rows_beside_inputs_give_the_gradients_of_a_plain_gather(use):
 
     def loss(rows, inputs):
         terms = {"rows": (rows * w_rows).sum(), "inputs": (inputs * w_inputs).sum()}
+        if use == "split":
+            first, _, last = inputs.split([2, 1, 2], dim=-1)
+            return terms["rows"] + (first * w_inputs[..., :2]).sum() + (last * w_inputs[..., 3:]).sum()
         return sum(terms.values()) if use == "both" else terms[use]
 
     plain = x.clone().requires_grad_()

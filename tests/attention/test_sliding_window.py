@@ -278,6 +278,31 @@ def test_global_maps_folded_into_the_queries_equal_the_maps_applied_to_every_tok
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_global_rows_taken_from_the_projection_equal_their_own_products(causal, monkeypatch):
+    """Where the global kernels run, the global tokens' keys and values are their rows of the q/k/v projection,
+    whose gradient is added into the projection's in place (`_project_with_global_rows`), instead of products of
+    their own. Taken that way here on the readable path (CPU, no Triton): the same outputs and gradients."""
+    module = make(4, [1, 2, 1, 2], causal=causal)
+    x, padding, glob = inputs(2, 12, pad_from=9, global_at=[(0, 0), (0, 5), (1, 7)])
+    x.requires_grad_(True)
+    results, calls = [], []
+    for from_projection in (False, True):
+        if from_projection:
+            monkeypatch.setattr(SlidingWindowSelfAttention, "_projects_global_rows", lambda *args: True)
+            taken = SlidingWindowSelfAttention._project_with_global_rows
+            monkeypatch.setattr(SlidingWindowSelfAttention, "_project_with_global_rows",
+                                lambda *args: calls.append(1) or taken(*args))
+        module.zero_grad()
+        x.grad = None
+        out = module(x, padding_mask=padding, global_mask=glob)
+        (out[padding] * torch.linspace(-1, 1, HIDDEN)).sum().backward()
+        results.append([out[padding].detach(), x.grad.clone()] + parameter_grads(module))
+    assert calls == [1]
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_put_rows_writes_the_valid_rows_with_gradients():
     """Rows land at their positions where valid, padded slots leave x as it was; gradients as for the same
     result built out of place."""

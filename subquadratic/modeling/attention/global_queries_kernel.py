@@ -259,16 +259,17 @@ class _RowsBesideInputs(torch.autograd.Function):
         if grad_inputs is None:
             return torch.zeros(ctx.shape, dtype=grad_rows.dtype, device=grad_rows.device).scatter_add_(
                 1, index, grad_rows), None
-        # the inputs' gradient is the queries kernel's fresh (B, T, E) result, which nothing else holds
+        # the inputs' gradient is a fresh (B, T, E) result that nothing else holds (see rows_beside_inputs)
         return grad_inputs.scatter_add_(1, index, grad_rows.to(grad_inputs.dtype)), None
 
 
 def rows_beside_inputs(inputs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """inputs (B, T, E), positions (B, G) int64 -> (the rows at positions (B, G, E), inputs itself), for a caller
-    that computes the global queries from their own rows and passes the inputs returned here (and nothing else
-    of them) to `global_queries_attend`. The rows' gradient is then added into the kernel's input gradient in
-    place: a plain gather's backward writes a (B, T, E) zero tensor and scatters into it, which autograd then
-    adds to the kernel's, two more passes over (T, E) in fp32 per layer."""
+    whose every use of the inputs returned here gives them a fresh gradient that nothing else holds (the global
+    queries kernel's input gradient, `global_queries_attend`; the concatenation of the gradients of a split's
+    parts). The rows' gradient is then added into that one in place: a plain gather's backward writes a (B, T, E)
+    zero tensor and scatters into it, which autograd then adds to the other, two more passes over (T, E) per
+    layer."""
     return _RowsBesideInputs.apply(inputs, positions)
 
 

@@ -39,11 +39,22 @@ def project(hidden_states: torch.Tensor, linears: list[nn.Module], few_rows: boo
     module is called. ``few_rows``: one product for inputs with fewer rows too, where kernel launches, not the
     weights' copy, cost the time (a training step's few global tokens: under autocast, three maps called one by
     one cast their input, weight and bias each)."""
-    rows = hidden_states.numel() // max(1, hidden_states.shape[-1])
-    if (len(linears) < 2 or any(anything_watching(m) for m in linears) or len({m.bias is None for m in linears}) > 1
-            or (rows < sum(m.out_features for m in linears) and not few_rows)):
+    if not fuses(hidden_states, linears, few_rows):
         return [m(hidden_states) for m in linears]
     out = nn.functional.linear(hidden_states, *concatenated_weights(linears))
+    return split_outputs(out, linears)
+
+
+def fuses(hidden_states: torch.Tensor, linears: list[nn.Module], few_rows: bool = False) -> bool:
+    """Whether `project` maps ``hidden_states`` through ``linears`` as one product."""
+    rows = hidden_states.numel() // max(1, hidden_states.shape[-1])
+    return not (len(linears) < 2 or any(anything_watching(m) for m in linears)
+                or len({m.bias is None for m in linears}) > 1
+                or (rows < sum(m.out_features for m in linears) and not few_rows))
+
+
+def split_outputs(out: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
+    """The product of the concatenated maps (`concatenated_weights`) -> each map's output (views)."""
     return list(out.split([m.out_features for m in linears], dim=-1))
 
 

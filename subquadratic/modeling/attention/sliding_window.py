@@ -47,7 +47,7 @@ from .flex import cached_block_mask, flex_attention, flex_can_run, use_fast_path
 from .global_keys_kernel import MAX_GLOBAL, kernel_available, merge_global_keys
 from .global_queries_kernel import MAX_ROWS, global_queries_attend, rows_beside_inputs
 from .masking import MASK_VALUE, merge_heads, split_heads
-from .projections import anything_watching, product_dtype, project
+from .projections import anything_watching, concatenated_weights, fuses, product_dtype, project, split_outputs
 
 
 def _to_dilated(x: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -261,6 +261,15 @@ def put_rows(x: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, valid: to
     return _PutRows.apply(x, rows, index, valid)
 
 
+def _per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (B, H, G, K) times weight (H, K, N), head by head -> (B, H, G, N): one product per head with the batch's
+    rows side by side (views at batch 1). Broadcasting the weight over the batch instead made its gradient a
+    product per batch entry and a sum over them, one more kernel at G rows."""
+    b, h, g, k = x.shape
+    out = torch.bmm(x.transpose(0, 1).reshape(h, b * g, k), weight)
+    return out.view(h, b, g, weight.shape[-1]).transpose(0, 1)
+
+
 class GlobalTokens:
     """Where the global tokens are, in forms both global parts use.
 
@@ -394,19 +403,24 @@ class SlidingWindowSelfAttention(nn.Module):
         such a mask and the padding mask (a model builds it once for all its layers); None: no global tokens.
         Returns (B, T, hidden)."""
         b, t, _ = hidden_states.shape
-        query, key, value = (split_heads(x, self.num_heads)  # (B, H, T, D)
-                             for x in project(hidden_states, [self.query, self.key, self.value]))
-        if cache is not None and cache.has(self.layer_idx):
+        decoding = cache is not None and cache.has(self.layer_idx)
+        real = (torch.ones(b, t, dtype=torch.bool, device=hidden_states.device) if padding_mask is None
+                else padding_mask.bool())
+        glob = global_mask
+        if global_mask is not None and not isinstance(global_mask, GlobalTokens) and not decoding:
+            glob = GlobalTokens(global_mask.bool() & real)
+        g_projected = None
+        if glob is not None and not decoding and self._projects_global_rows(hidden_states, glob):
+            hidden_states, projected, g_projected = self._project_with_global_rows(hidden_states, glob)
+        else:
+            projected = project(hidden_states, [self.query, self.key, self.value])
+        query, key, value = (split_heads(x, self.num_heads) for x in projected)  # (B, H, T, D)
+        if decoding:
             if isinstance(global_mask, GlobalTokens):
                 global_mask = global_mask.mask
             out = self._decode(query, key, value, padding_mask, cache, global_mask)
             return self.output(merge_heads(out))
 
-        real = (torch.ones(b, t, dtype=torch.bool, device=hidden_states.device) if padding_mask is None
-                else padding_mask.bool())
-        glob = global_mask
-        if global_mask is not None and not isinstance(global_mask, GlobalTokens):
-            glob = GlobalTokens(global_mask.bool() & real)
         if cache is not None:  # prefill: keep what the decoding steps read
             is_global = torch.zeros_like(real) if glob is None else glob.mask
             for name, tensor, dim in (("key", key, 2), ("value", value, 2), ("global", is_global, 1)):
@@ -420,13 +434,16 @@ class SlidingWindowSelfAttention(nn.Module):
             return self.output(merge_heads(out))
 
         key_ok = None if padding_mask is None else real
-        return self.output(merge_heads(self._with_global_tokens(hidden_states, query, key, value, key_ok, glob)))
+        out = self._with_global_tokens(hidden_states, query, key, value, key_ok, glob, g_projected)
+        return self.output(merge_heads(out))
 
     @torch.compiler.disable
-    def _with_global_tokens(self, hidden_states, query, key, value, key_ok, glob: GlobalTokens) -> torch.Tensor:
+    def _with_global_tokens(self, hidden_states, query, key, value, key_ok, glob: GlobalTokens,
+                            g_projected: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Attention of every query when some tokens are global: its window and the global keys, and for global
-        queries every real key; key_ok (B, T) bool, True for real tokens, or None when there is no padding. Returns
-        (B, H, T, D).
+        queries every real key; key_ok (B, T) bool, True for real tokens, or None when there is no padding;
+        g_projected: the global tokens' rows of the query/key/value projection, (B, G, hidden) each, where the
+        caller took them (`_project_with_global_rows`), else None. Returns (B, H, T, D).
 
         Global keys stay in the windows (so that without padding the window part needs no key mask, which made
         its FlexAttention kernels several times slower); a query's global part takes only the global keys outside
@@ -450,7 +467,7 @@ class SlidingWindowSelfAttention(nn.Module):
         # A key or value map that does more than its weights say (hooks, LoRA dropout, offloading: see
         # `anything_watching`) is called once, on every row, and the global rows are gathered from its output.
         kernels = self._global_kernels_run(query) and num <= MAX_GLOBAL
-        folded_kernel = kernels and h * num <= MAX_ROWS and not self._global_maps_watched()
+        folded_kernel = kernels and self._folded_kernel_runs(query, num)
         if folded_kernel:
             g_hidden, hidden_states = rows_beside_inputs(hidden_states, glob.index)
         else:
@@ -460,8 +477,14 @@ class SlidingWindowSelfAttention(nn.Module):
             return x.view(b, num, h, d_head).transpose(1, 2)
 
         compute = product_dtype(hidden_states)
-        with self._few_rows(hidden_states, kernels):
-            if anything_watching(self.key) or anything_watching(self.value):
+        few_rows = self._few_rows(hidden_states, kernels)
+        if few_rows is not None:
+            g_hidden = g_hidden.to(self.query_global.weight.dtype)  # (cast by `_project_with_global_rows`)
+        with few_rows or contextlib.nullcontext():
+            if g_projected is not None:
+                g_key, g_value = heads(g_projected[1]), heads(g_projected[2])
+                g_query = heads(self.query_global(g_hidden))
+            elif anything_watching(self.key) or anything_watching(self.value):
                 g_key, g_value, g_query = glob.gather(key), glob.gather(value), heads(self.query_global(g_hidden))
             else:
                 rows = project(g_hidden, [self.key, self.value, self.query_global], few_rows=True)
@@ -491,14 +514,45 @@ class SlidingWindowSelfAttention(nn.Module):
         return not dropout_active and kernel_available(tensor) and use_fast_path(tensor, flex=False)
 
     def _few_rows(self, hidden_states: torch.Tensor, kernels: bool):
-        """Where the global tokens' few-row products run. With the kernels, under autocast, and inputs in the
-        weights' dtype: in that dtype, without autocast, which would cast every weight and bias (a kernel each,
-        forward and backward: more launches than the products themselves, at G rows); the kernels cast their
-        tiles to the autocast dtype in registers."""
+        """Where the global tokens' few-row products run: None, as the caller's mode says; or, with the kernels,
+        under autocast and with weights in a wider dtype than autocast's, a context without autocast, in which they
+        run in the weights' dtype: autocast would cast every weight and bias (a kernel each, forward and backward:
+        more launches than the products themselves, at G rows); the kernels cast their tiles to the autocast dtype
+        in registers. The global rows' inputs are then taken in the weights' dtype too."""
         device = hidden_states.device.type
-        if kernels and torch.is_autocast_enabled(device) and hidden_states.dtype == self.query_global.weight.dtype:
+        weights = self.query_global.weight.dtype
+        if (kernels and torch.is_autocast_enabled(device)
+                and torch.promote_types(weights, torch.get_autocast_dtype(device)) == weights):
             return torch.autocast(device, enabled=False)
-        return contextlib.nullcontext()
+        return None
+
+    def _folded_kernel_runs(self, tensor: torch.Tensor, num: int) -> bool:
+        """Whether the global queries of ``num`` global tokens run folded through `global_queries_kernel` (given
+        that the global kernels run: see `_global_kernels_run`)."""
+        return self.num_heads * num <= MAX_ROWS and not self._global_maps_watched()
+
+    def _projects_global_rows(self, hidden_states: torch.Tensor, glob: GlobalTokens) -> bool:
+        """Whether `_project_with_global_rows` projects the inputs: where the global-queries kernel runs folded
+        and the q/k/v maps are plain (`projections.fuses`)."""
+        num = glob.index.shape[1]
+        return (self._global_kernels_run(hidden_states) and num <= MAX_GLOBAL
+                and self._folded_kernel_runs(hidden_states, num)
+                and fuses(hidden_states, [self.query, self.key, self.value], few_rows=True))
+
+    @torch.compiler.disable
+    def _project_with_global_rows(self, hidden_states: torch.Tensor, glob: GlobalTokens):
+        """The q/k/v projection as one product, and the global tokens' rows of it, whose gradient is added into
+        the product's in place (`rows_beside_inputs`): the global keys and values need no product of their own,
+        nor their weights' gradients a sum with the projection's. Under autocast, inputs wider than its dtype are
+        cast to it first, and that cast is also what the global-queries kernel reads: the kernel's input gradient
+        then adds to the projection's in autocast's dtype (on an H200 at 16K the fp32 sum took 25 us per layer),
+        and it reads half the bytes. Returns (the inputs as the kernel reads them, [query, key, value] (B, T,
+        hidden) each, the global rows [query, key, value] (B, G, hidden) each)."""
+        linears = [self.query, self.key, self.value]
+        hidden_states = hidden_states.to(product_dtype(hidden_states))
+        projected = nn.functional.linear(hidden_states, *concatenated_weights(linears))
+        g_projected, projected = rows_beside_inputs(projected, glob.index)
+        return hidden_states, split_outputs(projected, linears), split_outputs(g_projected, linears)
 
     def _global_maps_watched(self) -> bool:
         """Whether the global key or value map does more than its weights say (`anything_watching`): then it is
@@ -523,7 +577,7 @@ class SlidingWindowSelfAttention(nn.Module):
         t, hidden = hidden_states.shape[1:]
         watched = self._global_maps_watched()
         if not watched:
-            folded = torch.matmul(g_query, self.key_global.weight.view(h, d_head, hidden))  # (B, H, G, hidden)
+            folded = _per_head(g_query, self.key_global.weight.view(h, d_head, hidden))  # (B, H, G, hidden)
         if kernels:
             # the inputs are read as they are, in their own dtype
             mixed = global_queries_attend(folded.reshape(b, h * num, hidden), hidden_states, key_ok, glob.index,
@@ -547,8 +601,7 @@ class SlidingWindowSelfAttention(nn.Module):
     def _global_values(self, mixed: torch.Tensor) -> torch.Tensor:
         """(B, H, G, hidden) probability-weighted inputs -> (B, H, G, D) through the global value map's heads."""
         h, d_head = self.num_heads, self.value_global.out_features // self.num_heads
-        w_value = self.value_global.weight.view(h, d_head, -1)
-        g_out = torch.matmul(mixed, w_value.transpose(1, 2))
+        g_out = _per_head(mixed, self.value_global.weight.view(h, d_head, -1).transpose(1, 2))
         if self.value_global.bias is not None:
             g_out = g_out + self.value_global.bias.view(h, 1, d_head)
         # the key map's bias added q . b_k to every score of a query: folded away, its gradient is an exact zero
