@@ -173,6 +173,30 @@ def test_module_without_global_tokens_in_a_causal_kernel_path(kernels_on_cpu):
 
 
 @needs_kernel
+@pytest.mark.parametrize("weights,inputs", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("num_global,hooked", [(2, None), (20, None), (2, "key_global"), (2, "query")],
+                         ids=["folded", "more-rows-than-folded", "global-map-hooked", "projection-hooked"])
+def test_kernel_path_under_autocast_with_inputs_and_weights_in_other_dtypes(weights, inputs, num_global, hooked,
+                                                                           kernels_on_cpu):
+    """bf16 weights with fp32 inputs under bf16 autocast (a model loaded in bf16 and trained under autocast: CUDA's
+    LayerNorm gives fp32), and the reverse, through every branch of the global parts. It runs where the readable
+    path runs and gives finite outputs and gradients of their shapes (Triton's interpreter multiplies bf16 wrongly,
+    so the values are not compared here; on CUDA `test_sliding_window`'s GPU tests compare them)."""
+    torch.manual_seed(0)
+    module = SlidingWindowSelfAttention(64, 4, 8).to(weights)
+    if hooked:
+        getattr(module, hooked).register_forward_hook(lambda m, args, out: out)
+    glob = torch.zeros(2, 100, dtype=torch.bool)
+    glob[:, torch.arange(num_global) * 5] = True
+    for fast in (False, True):
+        x = torch.randn(2, 100, 64, dtype=inputs, requires_grad=True)
+        with fast_paths(fast), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x, global_mask=glob)
+        out.float().sum().backward()
+        assert out.shape == x.shape and out.float().isfinite().all() and x.grad.float().isfinite().all()
+
+
+@needs_kernel
 def test_kernel_path_after_an_inference_mode_call_with_the_same_global_tokens(kernels_on_cpu):
     """A `GlobalTokens` that served an inference-mode call (which built its kernel slots) then serves a training
     step on the kernel path."""

@@ -292,7 +292,7 @@ def test_global_rows_taken_from_the_projection_equal_their_own_products(causal, 
             monkeypatch.setattr(SlidingWindowSelfAttention, "_projects_global_rows", lambda *args: True)
             taken = SlidingWindowSelfAttention._project_with_global_rows
             monkeypatch.setattr(SlidingWindowSelfAttention, "_project_with_global_rows",
-                                lambda *args: calls.append(1) or taken(*args))
+                                lambda *args, taken=taken: calls.append(1) or taken(*args))
         module.zero_grad()
         x.grad = None
         out = module(x, padding_mask=padding, global_mask=glob)

@@ -477,9 +477,9 @@ class SlidingWindowSelfAttention(nn.Module):
             return x.view(b, num, h, d_head).transpose(1, 2)
 
         compute = product_dtype(hidden_states)
-        few_rows = self._few_rows(hidden_states, kernels)
-        if few_rows is not None:
-            g_hidden = g_hidden.to(self.query_global.weight.dtype)  # (cast by `_project_with_global_rows`)
+        few_rows = self._few_rows(hidden_states, kernels, inputs_cast=g_projected is not None)
+        if few_rows is not None:  # (inputs cast by `_project_with_global_rows` go back to the weights' dtype)
+            g_hidden = g_hidden.to(self.query_global.weight.dtype)
         with few_rows or contextlib.nullcontext():
             if g_projected is not None:
                 g_key, g_value = heads(g_projected[1]), heads(g_projected[2])
@@ -513,16 +513,17 @@ class SlidingWindowSelfAttention(nn.Module):
         dropout_active = self.dropout.training and self.dropout.p > 0
         return not dropout_active and kernel_available(tensor) and use_fast_path(tensor, flex=False)
 
-    def _few_rows(self, hidden_states: torch.Tensor, kernels: bool):
+    def _few_rows(self, hidden_states: torch.Tensor, kernels: bool, inputs_cast: bool):
         """Where the global tokens' few-row products run: None, as the caller's mode says; or, with the kernels,
-        under autocast and with weights in a wider dtype than autocast's, a context without autocast, in which they
-        run in the weights' dtype: autocast would cast every weight and bias (a kernel each, forward and backward:
-        more launches than the products themselves, at G rows); the kernels cast their tiles to the autocast dtype
-        in registers. The global rows' inputs are then taken in the weights' dtype too."""
+        under autocast, and with the inputs in the weights' dtype or cast from it by `_project_with_global_rows`
+        (``inputs_cast``: then the global queries run folded, through the kernel), a context without autocast, in
+        which they run in the weights' dtype: autocast would cast every weight and bias (a kernel each, forward
+        and backward: more launches than the products themselves, at G rows); the kernels cast their tiles to the
+        autocast dtype in registers. Inputs in another dtype keep autocast: the global queries' readable path
+        multiplies them with the weights."""
         device = hidden_states.device.type
-        weights = self.query_global.weight.dtype
         if (kernels and torch.is_autocast_enabled(device)
-                and torch.promote_types(weights, torch.get_autocast_dtype(device)) == weights):
+                and (inputs_cast or hidden_states.dtype == self.query_global.weight.dtype)):
             return torch.autocast(device, enabled=False)
         return None
 
