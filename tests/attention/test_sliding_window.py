@@ -144,6 +144,16 @@ def parameter_grads(module) -> list[torch.Tensor]:
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in module.parameters()]
 
 
+def outputs_and_grads(module, x, padding, glob) -> list[torch.Tensor]:
+    """[outputs at real positions, input gradient, parameter gradients] of one call with global tokens, under a
+    fixed weighting of the outputs."""
+    module.zero_grad()
+    x.grad = None
+    out = module(x, padding_mask=padding, global_mask=glob)
+    (out[padding] * torch.linspace(-1, 1, HIDDEN)).sum().backward()
+    return [out[padding].detach(), x.grad.clone()] + parameter_grads(module)
+
+
 @pytest.mark.parametrize("key_chunk,query_block", [(None, None), (4, None), (None, 4)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients_match_brute_force(key_chunk, query_block, causal, monkeypatch):
@@ -266,11 +276,7 @@ def test_global_maps_folded_into_the_queries_equal_the_maps_applied_to_every_tok
         if hooked:
             for linear in (module.key_global, module.value_global):
                 linear.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
-        module.zero_grad()
-        x.grad = None
-        out = module(x, padding_mask=padding, global_mask=glob)
-        (out[padding] * torch.linspace(-1, 1, HIDDEN)).sum().backward()
-        results.append([out[padding].detach(), x.grad.clone()] + parameter_grads(module))
+        results.append(outputs_and_grads(module, x, padding, glob))
     assert calls == [x.shape, x.shape]
     assert not results[0][2 + [p is module.key_global.bias for p in module.parameters()].index(True)].any()
     assert module.key_global.bias.grad.abs().max() < 1e-6
@@ -293,11 +299,7 @@ def test_global_rows_taken_from_the_projection_equal_their_own_products(causal, 
             taken = SlidingWindowSelfAttention._project_with_global_rows
             monkeypatch.setattr(SlidingWindowSelfAttention, "_project_with_global_rows",
                                 lambda *args, taken=taken: calls.append(1) or taken(*args))
-        module.zero_grad()
-        x.grad = None
-        out = module(x, padding_mask=padding, global_mask=glob)
-        (out[padding] * torch.linspace(-1, 1, HIDDEN)).sum().backward()
-        results.append([out[padding].detach(), x.grad.clone()] + parameter_grads(module))
+        results.append(outputs_and_grads(module, x, padding, glob))
     assert calls == [1]
     for got, expected in zip(*results, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -57,13 +57,16 @@ if triton is not None:
         return ok
 
     @triton.jit
-    def _load_block(q_ptr, k_ptr, v_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_t, b, h, pid_bh,
-                    length, num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh,
-                    stride_kg, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-        """Query block pid_t of head (b, h): the head's global keys and values, the scores with their mask, the
-        window's log-sum-exp, and each row's global slot (-1: not a global token). Tile offsets are int32 and
-        relative to the block's first row (int64 offsets of every element held all 255 registers and spilled)."""
+    def _load_block(q_ptr, k_ptr, v_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, heads, length, num_global,
+                    before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg,
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
+                    CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+        """This program's block of queries (of batch entry b, head h; its first row ``first``): the head's global
+        keys and values, the scores with their mask, the window's log-sum-exp, and each row's global slot (-1: not
+        a global token). Tile offsets are int32 and relative to the block's first row (int64 offsets of every
+        element held all 255 registers and spilled)."""
+        pid_t, pid_bh = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
+        b, h = (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64)  # offsets past 2^31 elements
         first = pid_t * BLOCK_T
         local_t = tl.arange(0, BLOCK_T)
         offs_t = first + local_t
@@ -86,11 +89,7 @@ if triton is not None:
         slot = tl.load(slot_ptr + b * length + offs_t, mask=in_seq, other=-1)
         lse_block = pid_bh.to(tl.int64) * length + first  # (B, H, T) contiguous
         lw = tl.load(lw_ptr + lse_block + local_t, mask=in_seq, other=0.0).to(tl.float32)
-        return q, k, v, ok, scores, lw, in_seq, rows, lse_block, slot
-
-    @triton.jit
-    def _head(pid_bh, heads):
-        return (pid_bh // heads).to(tl.int64), (pid_bh % heads).to(tl.int64)  # offsets past 2^31 elements
+        return q, k, v, ok, scores, lw, in_seq, rows, lse_block, slot, b, h, pid_bh, pid_t, first
 
     @triton.jit
     def _forward_kernel(q_ptr, k_ptr, v_ptr, ow_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, g_ptr,
@@ -98,13 +97,10 @@ if triton is not None:
                         stride_qt, stride_kb, stride_kh, stride_kg, stride_ob, stride_oh, stride_ot,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr,
                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-        pid_t, pid_bh = tl.program_id(0), tl.program_id(1)  # the long axis on x (y takes at most 65,535)
-        b, h = _head(pid_bh, heads)
-        q, k, v, ok, scores, lw, in_seq, rows, lse_block, slot = _load_block(
-            q_ptr, k_ptr, v_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_t, b, h, pid_bh, length,
-            num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, D,
-            BLOCK_D, BLOCK_T, BLOCK_G, CAUSAL, PRECISION)
-        first = pid_t * BLOCK_T
+        q, k, v, ok, scores, lw, in_seq, rows, lse_block, slot, b, h, pid_bh, pid_t, first = _load_block(
+            q_ptr, k_ptr, v_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, heads, length, num_global, before,
+            after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, D, BLOCK_D, BLOCK_T,
+            BLOCK_G, CAUSAL, PRECISION)
         local_t = tl.arange(0, BLOCK_T)
         offs_d = tl.arange(0, BLOCK_D)
         top = tl.maximum(lw, tl.max(tl.where(ok, scores, float("-inf")), axis=1))
@@ -132,13 +128,10 @@ if triton is not None:
                          stride_kg, stride_ob, stride_oh, stride_ot, D: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, CAUSAL: tl.constexpr,
                          PRECISION: tl.constexpr):
-        pid_t, pid_bh = tl.program_id(0), tl.program_id(1)
-        b, h = _head(pid_bh, heads)
-        q, k, v, ok, scores, lw, in_seq, rows, lse_block, slot = _load_block(
-            q_ptr, k_ptr, v_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, pid_t, b, h, pid_bh, length,
-            num_global, before, after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, D,
-            BLOCK_D, BLOCK_T, BLOCK_G, CAUSAL, PRECISION)
-        first = pid_t * BLOCK_T
+        q, k, v, ok, scores, lw, in_seq, rows, lse_block, slot, b, h, pid_bh, pid_t, first = _load_block(
+            q_ptr, k_ptr, v_ptr, lw_ptr, pos_ptr, valid_ptr, dil_ptr, slot_ptr, heads, length, num_global, before,
+            after, scale, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kg, D, BLOCK_D, BLOCK_T,
+            BLOCK_G, CAUSAL, PRECISION)
         local_t = tl.arange(0, BLOCK_T)
         offs_d = tl.arange(0, BLOCK_D)
         offs_g = tl.arange(0, BLOCK_G)
