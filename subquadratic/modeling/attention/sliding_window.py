@@ -466,8 +466,8 @@ class SlidingWindowSelfAttention(nn.Module):
         # kernel runs, into that kernel's input gradient, in place (`rows_beside_inputs`).
         # A key or value map that does more than its weights say (hooks, LoRA dropout, offloading: see
         # `anything_watching`) is called once, on every row, and the global rows are gathered from its output.
-        kernels = self._global_kernels_run(query) and num <= MAX_GLOBAL
-        folded_kernel = kernels and self._folded_kernel_runs(query, num)
+        kernels = self._global_kernels_take(query, num)
+        folded_kernel = kernels and self._folded_kernel_runs(num)
         if folded_kernel:
             g_hidden, hidden_states = rows_beside_inputs(hidden_states, glob.index)
         else:
@@ -527,17 +527,21 @@ class SlidingWindowSelfAttention(nn.Module):
             return torch.autocast(device, enabled=False)
         return None
 
-    def _folded_kernel_runs(self, tensor: torch.Tensor, num: int) -> bool:
+    def _global_kernels_take(self, tensor: torch.Tensor, num: int) -> bool:
+        """Whether the global parts of ``num`` global tokens run as the Triton kernels (`_global_kernels_run`, and
+        no more global tokens than the keys kernel takes)."""
+        return self._global_kernels_run(tensor) and num <= MAX_GLOBAL
+
+    def _folded_kernel_runs(self, num: int) -> bool:
         """Whether the global queries of ``num`` global tokens run folded through `global_queries_kernel` (given
-        that the global kernels run: see `_global_kernels_run`)."""
+        that the global kernels run: see `_global_kernels_take`)."""
         return self.num_heads * num <= MAX_ROWS and not self._global_maps_watched()
 
     def _projects_global_rows(self, hidden_states: torch.Tensor, glob: GlobalTokens) -> bool:
         """Whether `_project_with_global_rows` projects the inputs: where the global-queries kernel runs folded
         and the q/k/v maps are plain (`projections.fuses`)."""
         num = glob.index.shape[1]
-        return (self._global_kernels_run(hidden_states) and num <= MAX_GLOBAL
-                and self._folded_kernel_runs(hidden_states, num)
+        return (self._global_kernels_take(hidden_states, num) and self._folded_kernel_runs(num)
                 and fuses(hidden_states, [self.query, self.key, self.value], few_rows=True))
 
     @torch.compiler.disable
