@@ -14,6 +14,7 @@ from ..configuration.linformer import LinformerConfig
 from .attention.linformer import LinformerSelfAttention, SequenceProjection
 from .base import SubquadraticPreTrainedModel, resolve_call
 from .heads import MaskedLMHead, SequenceClassificationHead, TokenClassificationHead
+from .layers.embeddings import lookup
 from .layers.transformer_layer import TransformerEncoderLayer
 
 
@@ -41,8 +42,8 @@ class LinformerEmbeddings(nn.Module):
     def forward(self, input_ids, inputs_embeds, position_ids):
         """input_ids (B, T) or inputs_embeds (B, T, hidden); position_ids (B, T) -> (B, T, hidden)"""
         if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        return self.dropout(self.layer_norm(inputs_embeds + self.position_embeddings(position_ids)))
+            inputs_embeds = lookup(self.word_embeddings, input_ids)
+        return self.dropout(self.layer_norm(inputs_embeds + lookup(self.position_embeddings, position_ids)))
 
 
 class LinformerPreTrainedModel(SubquadraticPreTrainedModel):

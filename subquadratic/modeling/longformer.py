@@ -14,6 +14,7 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..configuration.longformer import LongformerStyleConfig
+from .attention.projections import anything_watching
 from .attention.sliding_window import GlobalTokens, SlidingWindowSelfAttention
 from .base import SubquadraticPreTrainedModel, padding_mask_or_none, resolve_call
 from .cache import LayerStateCache, cache_field, incoming_cache
@@ -24,6 +25,7 @@ from .heads import (
     SequenceClassificationHead,
     TokenClassificationHead,
 )
+from .layers.embeddings import lookup
 from .layers.transformer_layer import TransformerEncoderLayer
 
 # The model's own slot in a `LayerStateCache` (no layer uses it): the running count of non-padding tokens, from
@@ -56,10 +58,13 @@ class LongformerStyleEmbeddings(nn.Module):
     def forward(self, input_ids, inputs_embeds, position_ids, token_type_ids):
         """(B, T) ids or (B, T, hidden) embeddings, (B, T) positions and token types -> (B, T, hidden)"""
         if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(position_ids)
-        embeddings = inputs_embeds + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+            inputs_embeds = lookup(self.word_embeddings, input_ids)
+        if token_type_ids is not None or anything_watching(self.token_type_embeddings, nn.Embedding):
+            types = self.token_type_embeddings(torch.zeros_like(position_ids) if token_type_ids is None
+                                               else token_type_ids)
+        else:  # every token has type 0: its row, added to all (a lookup's backward would sort T equal ids)
+            types = self.token_type_embeddings.weight[0]
+        embeddings = inputs_embeds + lookup(self.position_embeddings, position_ids) + types
         return self.dropout(self.layer_norm(embeddings))
 
 

@@ -17,7 +17,7 @@ from .attention.lsh import LSHSelfAttention
 from .base import SubquadraticPreTrainedModel, pad_to_multiple, resolve_call
 from .cache import LayerStateCache, cache_field, incoming_cache
 from .heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
-from .layers.embeddings import AxialPositionEmbedding
+from .layers.embeddings import AxialPositionEmbedding, lookup
 from .layers.feed_forward import ChunkedFeedForward
 from .layers.reversible import ReversibleStack
 
@@ -59,8 +59,10 @@ class ReformerLMEmbeddings(nn.Module):
 
     def forward(self, input_ids, inputs_embeds, position_ids):
         if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        return self.dropout(inputs_embeds + self.position_embeddings(position_ids))
+            inputs_embeds = lookup(self.word_embeddings, input_ids)
+        positions = self.position_embeddings
+        positions = lookup(positions, position_ids) if isinstance(positions, nn.Embedding) else positions(position_ids)
+        return self.dropout(inputs_embeds + positions)
 
 
 class ReformerLMPreTrainedModel(SubquadraticPreTrainedModel):

@@ -1,4 +1,4 @@
-"""Position embeddings."""
+"""Embedding lookups with a short backward pass, and position embeddings."""
 
 from __future__ import annotations
 
@@ -6,6 +6,56 @@ import math
 
 import torch
 from torch import nn
+
+from ..attention.flex import use_fast_path
+from ..attention.projections import anything_watching
+
+
+class _Lookup(torch.autograd.Function):
+    """weight[ids], whose backward adds each token's gradient into its row with one `index_add_`.
+
+    `nn.Embedding`'s CUDA backward sorts the ids to sum each row's gradients in a fixed order: on an H200 at 16K
+    tokens about 20 kernels and 130 us per lookup (BENCHMARKS.md), where a zeroed table and one index_add_ (atomic
+    additions, so the order of a row's sum varies from run to run) take 2. ``padding_idx``'s row gets no gradient,
+    as in `nn.Embedding`."""
+
+    @staticmethod
+    def forward(weight, ids, padding_idx):
+        return nn.functional.embedding(ids, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, ids, padding_idx = inputs
+        ctx.save_for_backward(ids)
+        ctx.table, ctx.padding_idx = (weight.shape, weight.dtype), padding_idx
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (ids,), (shape, dtype) = ctx.saved_tensors, ctx.table
+        grad_weight = torch.zeros(shape, dtype=dtype, device=grad.device)
+        grad_weight.index_add_(0, ids.reshape(-1), grad.reshape(-1, shape[1]).to(dtype))
+        if ctx.padding_idx is not None:
+            grad_weight[ctx.padding_idx] = 0
+        return grad_weight, None, None
+
+
+def lookup(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """``embedding(ids)``; on the fast path (`flex.use_fast_path`: CUDA by default) with the short backward of
+    `_Lookup`, where that is all the module does (a plain `nn.Embedding`: no hooks, max_norm, frequency scaling or
+    sparse gradients) and deterministic algorithms are not requested (`torch.use_deterministic_algorithms`)."""
+    if (anything_watching(embedding, nn.Embedding) or embedding.max_norm is not None
+            or embedding.scale_grad_by_freq or embedding.sparse):
+        return embedding(ids)
+    return table_rows(embedding.weight, ids, embedding.padding_idx)
+
+
+def table_rows(weight: torch.Tensor, ids: torch.Tensor, padding_idx: int | None = None) -> torch.Tensor:
+    """weight[ids] (ids (...) int -> (..., dim)); on the fast path without deterministic algorithms with the short
+    backward of `_Lookup`, where ``padding_idx``'s row gets no gradient."""
+    if torch.are_deterministic_algorithms_enabled() or not use_fast_path(ids, flex=False):
+        return nn.functional.embedding(ids, weight, padding_idx)
+    return _Lookup.apply(weight, ids, padding_idx)
 
 
 class AxialTables(nn.Module):
@@ -49,7 +99,7 @@ class AxialPositionEmbedding(nn.Module):
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         """position_ids (B, T) int -> (B, T, sum(dims))"""
-        parts = [weight[(position_ids // stride) % size]
+        parts = [table_rows(weight, (position_ids // stride) % size)
                  for weight, stride, size in zip(self.weights(), self.strides, self.shape)]
         return torch.cat(parts, dim=-1)
 
