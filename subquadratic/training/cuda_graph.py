@@ -115,7 +115,7 @@ class CapturedTrainingStep:
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph):
-                self.loss = self._run()
+                self.loss = self._run(add_into=self.grads)
         except RuntimeError as error:
             first = error  # ending a broken recording raises again: the first error is the informative one
             while isinstance(first.__context__, RuntimeError):
@@ -131,12 +131,29 @@ class CapturedTrainingStep:
         self.block_masks = cached_block_masks()
         self.max_global_tokens = getattr(getattr(model, "config", None), "max_global_tokens", None)
 
-    def _run(self) -> torch.Tensor:
+    def _run(self, add_into: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """One step. ``add_into``: the recorded parameters' .grad tensors, to which the step's gradients are added
+        together at the end (`torch._foreach_add_`: a few kernels), instead of by autograd one parameter at a time
+        (a kernel each, some hundred per step); meanwhile .grad is None, so autograd hands over its results."""
         precision = (contextlib.nullcontext() if self.autocast_dtype is None
                      else torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False))
         with precision:
             loss = self.compute_loss(self.model, self.batch)
-        loss.backward()
+        if add_into is None:
+            loss.backward()
+            return loss.detach()
+        try:
+            for p in self.parameters:
+                p.grad = None
+            loss.backward()
+            fresh = [p.grad for p in self.parameters]
+        finally:
+            for p, grad in zip(self.parameters, add_into):
+                p.grad = grad
+        pairs = [(grad, new) for grad, new in zip(add_into, fresh) if new is not None]
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_add_(*map(list, zip(*pairs)))
         return loss.detach()
 
     def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
