@@ -13,6 +13,7 @@ from subquadratic.modeling.attention.dense import (
     few_keys_dense_attend,
     few_queries_attend,
     full_attend,
+    query_blocks,
 )
 from subquadratic.modeling.attention.masking import split_heads
 
@@ -34,6 +35,17 @@ def test_chunked_keys_give_the_dense_result_and_gradients(k, chunk, per_query_ma
         results.append([out, lse, *grads])
     for got, expected in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_query_blocks_keep_enough_thread_blocks_busy_at_short_lengths():
+    assert query_blocks(4096) == 2  # 2048 queries each
+    assert query_blocks(4096, rows=8) == 8  # further, to 512 each: 8 rows x 8 blocks
+    assert query_blocks(16384, rows=8) == 8  # 2048 each already gives 64
+    assert query_blocks(65536, rows=8) == 32
+    assert query_blocks(4096, rows=64) == 2
+    assert query_blocks(1024, rows=1) == 2  # not below 512 queries
+    assert query_blocks(3 * 4096, rows=8) == 8
+    assert query_blocks(4095, rows=1) == 1
 
 
 @pytest.mark.parametrize("t,block", [(64, 8), (48, 8), (40, 16), (7, 2)])  # 8 blocks, 4 (48 = 16 * 3), 2, none

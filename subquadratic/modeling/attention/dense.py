@@ -101,14 +101,23 @@ def full_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key
 # halves keep this many (so between QUERY_BLOCK and twice it when the length has enough factors of two; a length
 # with none, an odd one, is not cut).
 QUERY_BLOCK = 2048
+# ... and in `few_keys_attend` further, down to SMALL_QUERY_BLOCK queries, while (batch x heads x blocks) is below
+# BUSY_BLOCKS: its backward kernel runs a thread block per block of keys, head and batch entry, which left most of
+# an H200 idle at 4K tokens (8 heads, 256 keys: fwd+bwd 89 us per layer in 2 blocks, 61 in 8; BENCHMARKS.md).
+SMALL_QUERY_BLOCK = 512
+BUSY_BLOCKS = 64
 
 
-def query_blocks(length: int, block: int | None = None) -> int:
+def query_blocks(length: int, block: int | None = None, rows: int | None = None) -> int:
     """How many blocks `few_keys_attend` and `few_keys_dense_attend` cut ``length`` queries into: halved while the
-    halves keep at least ``block`` (default `QUERY_BLOCK`) queries, so a power of two that divides the length."""
+    halves keep at least ``block`` (default `QUERY_BLOCK`) queries, so a power of two that divides the length.
+    ``rows``: the batch entries times heads; then also halved while rows x blocks is below `BUSY_BLOCKS` and the
+    halves keep at least `SMALL_QUERY_BLOCK` queries (or ``block``, if smaller)."""
     block = block or QUERY_BLOCK
+    small = min(block, SMALL_QUERY_BLOCK)
     n = 1
-    while length % (2 * n) == 0 and length // (2 * n) >= block:
+    while length % (2 * n) == 0 and (length // (2 * n) >= block or (
+            rows is not None and rows * n < BUSY_BLOCKS and length // (2 * n) >= small)):
         n *= 2
     return n
 
@@ -136,13 +145,14 @@ def few_keys_attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     dropout_p: float = 0.0, block: int | None = None) -> torch.Tensor:
     """`full_attend` (not causal) for many queries over few keys (Linformer's T queries over k projected keys).
 
-    query (B, H, T, D), key/value (B, H, K, D), key_ok (B, K) bool or None. The queries are cut into blocks of
-    ``block`` (default `QUERY_BLOCK`) that become extra batch entries, each with a copy of the few keys and values
+    query (B, H, T, D), key/value (B, H, K, D), key_ok (B, K) bool or None. The queries are cut into blocks
+    (`query_blocks` with rows = B x H; ``block``: at least this many queries, default `QUERY_BLOCK`) that become
+    extra batch entries, each with a copy of the few keys and values
     (whose gradients autograd sums back). The results are those of one call; what changes is the backward pass of
     the fused kernels, which runs one thread block per block of keys and head: with 256 keys and 8 heads, 16 of
     them walked all 64K queries (1.5 ms per layer on an H200; the forward pass is split over queries already)."""
     b, h, t, d = query.shape
-    n = query_blocks(t, block)
+    n = query_blocks(t, block, rows=b * h)
     if n == 1:
         return full_attend(query, key, value, key_ok, False, dropout_p)
     # (B, H, n, T/n, D) -> (B * n, H, T/n, D): a view when T is the outer axis of the memory, as after split_heads
