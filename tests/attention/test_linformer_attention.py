@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from subquadratic.modeling.attention.flex import fast_paths
+from subquadratic.modeling.attention import linformer as linformer_module
 from subquadratic.modeling.attention.linformer import LinformerSelfAttention, SequenceProjection
 
 HIDDEN, HEADS, HEAD_SIZE, N = 16, 2, 8, 16
@@ -192,6 +193,37 @@ def test_fast_path_matches_readable_path(kind, sharing, padded):
     torch.testing.assert_close(fast, readable)
     for got, expected in zip(fast_grads, readable_grads, strict=True):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("sharing", ["headwise", "key-value"])
+@pytest.mark.parametrize("batch,length,bias", [(1, N, True), (3, 7, True), (2, N, False)])
+def test_learned_keys_and_values_written_out_match_the_readable_path(monkeypatch, sharing, batch, length, bias):
+    """Learned projections shared by the heads, without padding: the keys and values come from
+    `_LearnedKeysValues` (its own backward), at batch 1 and above, inputs shorter than n, maps with and without
+    biases, in fp32 (as the readable path) and under bf16 autocast (within bf16's rounding)."""
+    calls = []
+    apply = linformer_module._LearnedKeysValues.apply
+    monkeypatch.setattr(linformer_module._LearnedKeysValues, "apply", lambda *a: calls.append(1) or apply(*a))
+    attn = make("linear", k=4, sharing=sharing).train()
+    with torch.no_grad():
+        for module in (attn.key, attn.value):
+            module.bias.normal_()
+            if not bias:
+                module.bias = None
+    x = torch.randn(batch, length, HIDDEN)
+    readable, readable_grads = outputs_and_gradients(attn, x, None, None, fast=False)
+    fast, fast_grads = outputs_and_gradients(attn, x, None, None, fast=True)
+    assert calls
+    torch.testing.assert_close(fast, readable)
+    for got, expected in zip(fast_grads, readable_grads, strict=True):
+        torch.testing.assert_close(got, expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half, half_grads = outputs_and_gradients(attn, x, None, None, fast=True)
+    assert half.dtype == torch.bfloat16 and len(calls) == 2
+    torch.testing.assert_close(half.float(), readable, atol=3e-2, rtol=3e-2)
+    for got, expected in zip(half_grads, readable_grads, strict=True):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, atol=3e-2 * expected.abs().max().item(), rtol=5e-2)
 
 
 @pytest.mark.parametrize("kind, padded, masked", [("linear", True, False), ("mean", False, False),

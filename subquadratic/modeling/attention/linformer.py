@@ -32,7 +32,7 @@ from ...configuration.linformer import PROJECTION_KINDS, SHARING_MODES
 from .dense import dense_attend, few_keys_attend
 from .flex import use_fast_path
 from .masking import merge_heads, split_heads
-from .projections import anything_watching, concatenated_weights, product_dtype
+from .projections import anything_watching, product_dtype
 
 
 class SequenceProjection(nn.Module):
@@ -115,15 +115,16 @@ class SequenceProjection(nn.Module):
 
 
 def project_inputs_first(pairs: list[tuple[SequenceProjection, nn.Linear]], hidden_states: torch.Tensor,
-                         padding_mask: torch.Tensor | None):
+                         padding_mask: torch.Tensor | None, heads: int):
     """[P(m(x)) for (P, m) in pairs] computed as P(x) W^T + P(1) b, for `shared_linear` projections P: the maps run
     on the k' projected rows instead of the T input rows, and the (B, T, H*D) keys/values are never formed.
     Learned ("linear") projections are applied together, their (k, T) matrices stacked into one product (one
-    shared by several maps is applied once).
+    shared by several maps is applied once); a key and a value pair of them without padding, by
+    `_LearnedKeysValues`.
 
     The maps' and projections' weights are read directly: they must be plain modules, with no hooks, wrappers or
     offloading (`projections.anything_watching`; the caller checks). hidden_states (B, T, hidden). Returns
-    ([(B, k', H*D) per pair], slot_mask of the first projection as `SequenceProjection` gives it)."""
+    ([(B, heads, k', D) per pair], slot_mask of the first projection as `SequenceProjection` gives it)."""
     projections = list(dict.fromkeys(projection for projection, _ in pairs))  # distinct, in order
     if any(projection.kind != "linear" for projection in projections):
         ones = hidden_states.new_ones(1, 1, hidden_states.shape[1], 1)
@@ -132,7 +133,12 @@ def project_inputs_first(pairs: list[tuple[SequenceProjection, nn.Linear]], hidd
             projected, slots = projection(hidden_states[:, None], padding_mask)
             applied[projection] = projected[:, 0], projection(ones, padding_mask)[0][:, 0], slots
         outs = [_map_projected(linear.weight, linear.bias, *applied[projection][:2]) for projection, linear in pairs]
-        return outs, applied[pairs[0][0]][2]
+        return [split_heads(out, heads) for out in outs], applied[pairs[0][0]][2]
+    if padding_mask is None and _LearnedKeysValues.takes(pairs):
+        (key_projection, key_map), (value_projection, value_map) = pairs
+        outs = _LearnedKeysValues.apply(hidden_states, key_projection.weight, value_projection.weight,
+                                        key_map.weight, key_map.bias, value_map.weight, value_map.bias, heads)
+        return list(outs), None
     t = hidden_states.shape[1]
     weight = torch.cat([projection.weight[0, :, :t] for projection in projections])  # (sum k, T)
     if padding_mask is None:
@@ -148,19 +154,80 @@ def project_inputs_first(pairs: list[tuple[SequenceProjection, nn.Linear]], hidd
     def rows(projection):  # the projection's rows of `projected`
         return slice(starts[projection], starts[projection] + projection.projected_length)
 
-    linears = [linear for _, linear in pairs]
-    if len(pairs) > 1 and len({m.bias is None for m in linears}) == 1:
-        # Every map in one product over all projected rows, each pair's block taken out of it (the others are
-        # not used: k rows each, a small product), with one bias term: one product, one weight cast under
-        # autocast and one bias term in each direction instead of one per map.
-        mapped = _map_projected(*concatenated_weights(linears), projected, share)  # (B, sum k, sum of outputs)
-        outs, column = [], 0
-        for projection, linear in pairs:
-            outs.append(mapped[:, rows(projection), column:column + linear.out_features])
-            column += linear.out_features
-        return outs, None
-    return [_map_projected(linear.weight, linear.bias, projected[:, rows(p)], share[:, rows(p)])
+    return [split_heads(_map_projected(linear.weight, linear.bias, projected[:, rows(p)], share[:, rows(p)]), heads)
             for p, linear in pairs], None
+
+
+class _LearnedKeysValues(torch.autograd.Function):
+    """The keys and values of `project_inputs_first` for two learned projections E, F (1, k, n) and the key and
+    value maps (W_k, b_k), (W_v, b_v), without padding: for inputs x (B, T, width), T <= n, and E', F' the first T
+    columns, K = E' x W_k^T + E' 1 b_k^T and V = F' x W_v^T + F' 1 b_v^T, in x's dtype (the parameters are cast to
+    it, as autocast casts them; E' 1 is summed from the cast E' in fp32), each as (B, heads, k, out / heads).
+
+    Both are batched products over the pair (key, value), with the backward pass written out: autograd on the
+    same formula dispatched about 31 operations per layer and training step (the slices of the parameters and of
+    one product over both pairs, copies and sums of the bias terms), this 22; at 4K tokens on an H200 a recorded
+    step's time follows its kernel launches more than their work (BENCHMARKS.md)."""
+
+    @staticmethod
+    def takes(pairs) -> bool:
+        """Whether it computes these (SequenceProjection, nn.Linear) pairs: a key and a value pair of learned
+        projections with one weight for all heads, of one length k, and maps of one shape, with biases or not."""
+        if len(pairs) != 2:
+            return False
+        (key_projection, key_map), (value_projection, value_map) = pairs
+        return (key_projection.kind == value_projection.kind == "linear"
+                and key_projection.weight.shape == value_projection.weight.shape
+                and key_map.weight.shape == value_map.weight.shape
+                and (key_map.bias is None) == (value_map.bias is None))
+
+    @staticmethod
+    def forward(ctx, hidden, key_projection, value_projection, key_weight, key_bias, value_weight, value_bias,
+                heads):
+        b, t, width = hidden.shape
+        dtype, k, n = hidden.dtype, key_projection.shape[1], key_projection.shape[2]
+        projection = torch.cat([key_projection[0, :, :t], value_projection[0, :, :t]]).to(dtype)  # (2k, T)
+        rows = torch.bmm(projection.expand(b, -1, -1), hidden)  # (B, 2k, width): P(x)
+        rows = rows.view(b, 2, k, width).transpose(0, 1).reshape(2, b * k, width)  # a view at B = 1
+        weight = torch.stack([key_weight, value_weight]).to(dtype)  # (2, out, width)
+        share = bias = None
+        if key_bias is None:
+            mapped = torch.bmm(rows, weight.transpose(1, 2))
+        else:
+            share = projection.sum(dim=-1, dtype=torch.float32).view(2, 1, k, 1)  # P(1)
+            bias = torch.stack([key_bias, value_bias]).float()  # (2, out)
+            terms = (share * bias[:, None, None]).expand(2, b, k, -1).reshape(2, b * k, -1)  # P(1) b^T
+            mapped = torch.baddbmm(terms.to(dtype), rows, weight.transpose(1, 2))  # (2, B * k, out)
+        ctx.save_for_backward(hidden, projection, rows, weight, share, bias)
+        ctx.sizes, ctx.parameter_dtype = (b, t, k, n), key_weight.dtype
+        mapped = mapped.view(2, b, k, heads, -1).transpose(2, 3)  # (2, B, H, k, D)
+        return mapped[0], mapped[1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_key, grad_value):
+        hidden, projection, rows, weight, share, bias = ctx.saved_tensors
+        (b, t, k, n), dtype = ctx.sizes, weight.dtype
+        # (B, H, k, D) each (autograd gives zeros for an unused one) -> (2, B * k, out): one copy
+        grad = torch.stack([grad_key.transpose(1, 2), grad_value.transpose(1, 2)]).to(dtype).view(2, b * k, -1)
+        grad_rows = torch.bmm(grad, weight).view(2, b, k, -1).transpose(0, 1).reshape(b, 2 * k, -1)
+        grad_weight = torch.bmm(grad.transpose(1, 2), rows).to(ctx.parameter_dtype)  # (2, out, width)
+        grad_projection = torch.bmm(grad_rows, hidden.transpose(1, 2))  # (B, 2k, T)
+        grad_projection = grad_projection[0] if b == 1 else grad_projection.sum(dim=0)
+        grad_bias = [None, None]
+        if bias is not None:
+            grad = grad.float()
+            grad_share = torch.bmm(grad, bias[..., None]).view(2, b, k)
+            grad_share = grad_share[:, 0] if b == 1 else grad_share.sum(dim=1)  # (2, k)
+            grad_projection = grad_projection + grad_share.view(2 * k, 1)  # in fp32
+            terms = share.view(2, 1, k).expand(2, b, k).reshape(2, 1, b * k)
+            grad_bias = list(torch.bmm(terms, grad).view(2, -1).to(ctx.parameter_dtype))
+        grad_hidden = torch.bmm(projection.t().expand(b, -1, -1), grad_rows)  # (B, T, width)
+        grad_projection = grad_projection.to(ctx.parameter_dtype).view(2, 1, k, t)
+        if t < n:  # the columns the input did not reach get none
+            grad_projection = nn.functional.pad(grad_projection, (0, n - t))
+        return (grad_hidden, grad_projection[0], grad_projection[1], grad_weight[0], grad_bias[0], grad_weight[1],
+                grad_bias[1], None)
 
 
 def _map_projected(weight: torch.Tensor, bias: torch.Tensor | None, projected: torch.Tensor,
@@ -238,8 +305,7 @@ class LinformerSelfAttention(nn.Module):
         query = split_heads(self.query(hidden_states), self.num_heads)  # (B, H, T, D)
         if inputs_first:
             (key, value), slots = project_inputs_first([(key_projection, self.key), (value_projection, self.value)],
-                                                       hidden_states, padding_mask)
-            key, value = split_heads(key, self.num_heads), split_heads(value, self.num_heads)  # (B, H, k', D)
+                                                       hidden_states, padding_mask, self.num_heads)  # (B, H, k', D)
         else:
             key, slots = key_projection(split_heads(self.key(hidden_states), self.num_heads), padding_mask)
             value, _ = value_projection(split_heads(self.value(hidden_states), self.num_heads), padding_mask)
