@@ -7,9 +7,32 @@ their graph-safe branch."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
+
+_STATE = threading.local()
 
 
 def capturing() -> bool:
     """True while the current CUDA stream records a graph (False on machines without CUDA)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+@contextlib.contextmanager
+def preparing_graph() -> Iterator[None]:
+    """Marks the eager warm-up steps that precede a recording, and the recording (this thread): where a choice of
+    kernels depends on whether a graph will launch them (`layers.layer_norm`), the warm-up compiles and runs the
+    ones the graph records."""
+    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
+
+
+def graph_step() -> bool:
+    """Whether this step runs for a CUDA graph: while one records, or inside `preparing_graph`."""
+    return getattr(_STATE, "depth", 0) > 0 or capturing()

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import (
 )
 
 from .cache import cache_field, output_cache
+from .layers.layer_norm import LayerNorm
 
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
@@ -91,7 +92,7 @@ class MaskedLMPredictionHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.activation = ACT2FN[activation]
-        self.layer_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.layer_norm = LayerNorm(hidden_size, eps=layer_norm_eps)
         self.decoder = nn.Linear(hidden_size, vocab_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

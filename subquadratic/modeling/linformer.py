@@ -15,6 +15,7 @@ from .attention.linformer import LinformerSelfAttention, SequenceProjection
 from .base import SubquadraticPreTrainedModel, resolve_call
 from .heads import MaskedLMHead, SequenceClassificationHead, TokenClassificationHead
 from .layers.embeddings import lookup
+from .layers.layer_norm import LayerNorm
 from .layers.transformer_layer import TransformerEncoderLayer
 
 
@@ -36,7 +37,7 @@ class LinformerEmbeddings(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, inputs_embeds, position_ids):

@@ -26,6 +26,7 @@ from .heads import (
     TokenClassificationHead,
 )
 from .layers.embeddings import lookup
+from .layers.layer_norm import LayerNorm
 from .layers.transformer_layer import TransformerEncoderLayer
 
 # The model's own slot in a `LayerStateCache` (no layer uses it): the running count of non-padding tokens, from
@@ -52,7 +53,7 @@ class LongformerStyleEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size, padding_idx=pad)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, inputs_embeds, position_ids, token_type_ids):

@@ -19,6 +19,7 @@ from .cache import LayerStateCache, cache_field, incoming_cache
 from .heads import CausalLMHead, MaskedLMHead, SequenceClassificationHead
 from .layers.embeddings import AxialPositionEmbedding, lookup
 from .layers.feed_forward import ChunkedFeedForward
+from .layers.layer_norm import LayerNorm
 from .layers.reversible import ReversibleStack
 
 
@@ -27,7 +28,7 @@ class PreNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float, sublayer: nn.Module, dropout: float):
         super().__init__()
-        self.layer_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.layer_norm = LayerNorm(hidden_size, eps=eps)
         self.sublayer = sublayer
         self.dropout = nn.Dropout(dropout)
 
@@ -85,7 +86,7 @@ class ReformerLMModel(ReformerLMPreTrainedModel):
                                                    config.hidden_dropout_prob, config.chunk_size_feed_forward),
                                 0.0) for _ in config.attn_layers]
         self.layers = ReversibleStack(attention, feed_forward, reversible=config.reversible)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         chunks = [config.lsh_chunk_length if kind == "lsh" else config.local_chunk_length for kind in config.attn_layers]
         self.pad_multiple = math.lcm(*chunks)
         self.post_init()

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..modeling.attention.flex import cached_block_masks
+from ..modeling.graph_capture import preparing_graph
 
 _WARMUP_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -100,7 +101,7 @@ class CapturedTrainingStep:
         random_states = torch.get_rng_state(), torch.cuda.get_rng_state(device)
         stream = _warmup_stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), preparing_graph():
             for _ in range(warmup_steps):
                 self._run()
         torch.cuda.current_stream(device).wait_stream(stream)
@@ -114,7 +115,7 @@ class CapturedTrainingStep:
         torch.cuda.set_rng_state(random_states[1], device)
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph), preparing_graph():
                 self.loss = self._run(add_into=self.grads)
         except RuntimeError as error:
             first = error  # ending a broken recording raises again: the first error is the informative one

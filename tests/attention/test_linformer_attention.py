@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.attention import linformer as linformer_module
+from subquadratic.modeling.attention.flex import fast_paths
 from subquadratic.modeling.attention.linformer import LinformerSelfAttention, SequenceProjection
 
 HIDDEN, HEADS, HEAD_SIZE, N = 16, 2, 8, 16

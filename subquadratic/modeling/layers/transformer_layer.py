@@ -14,6 +14,7 @@ from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .feed_forward import ChunkedFeedForward
+from .layer_norm import LayerNorm
 
 
 class TransformerEncoderLayer(GradientCheckpointingLayer):
@@ -35,9 +36,9 @@ class TransformerEncoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.attention = attention
         self.attention_dropout = nn.Dropout(dropout)
-        self.attention_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.attention_norm = LayerNorm(hidden_size, eps=layer_norm_eps)
         self.feed_forward = ChunkedFeedForward(hidden_size, intermediate_size, activation, dropout, chunk_size)
-        self.output_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.output_norm = LayerNorm(hidden_size, eps=layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, **attention_kwargs) -> torch.Tensor:
         """(B, T, hidden) -> (B, T, hidden)"""
