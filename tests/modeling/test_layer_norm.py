@@ -80,10 +80,10 @@ def test_readable_path_where_the_kernels_do_not_apply():
         assert not fast_layer_norm_runs(x.double(), norm)  # another dtype, no autocast
         assert not fast_layer_norm_runs(x, LayerNorm(8, elementwise_affine=False))
         assert not fast_layer_norm_runs(torch.randn(2, 9000), LayerNorm(9000))
-        small = x.to(DEVICE)
-        assert not fast_layer_norm_runs(small, norm.to(DEVICE))  # few elements, and no graph to record
+        small, on_device = x.to(DEVICE), LayerNorm(8).to(DEVICE)
+        assert not fast_layer_norm_runs(small, on_device)  # few elements, and no graph to record
         with preparing_graph():  # the warm-up of a recording, as the recording: the kernels where they can run
-            assert fast_layer_norm_runs(small, norm) == layer_norm_module.kernel_available(small)
+            assert fast_layer_norm_runs(small, on_device) == layer_norm_module.kernel_available(small)
         out = norm(x) if not fast_layer_norm_runs(x, norm) else None  # CPU without the interpreter: readable
     if out is not None:
         torch.testing.assert_close(out, nn.functional.layer_norm(x, (8,), norm.weight, norm.bias, norm.eps))
