@@ -226,6 +226,23 @@ def test_learned_keys_and_values_written_out_match_the_readable_path(monkeypatch
         torch.testing.assert_close(got, expected, atol=3e-2 * expected.abs().max().item(), rtol=5e-2)
 
 
+def test_learned_keys_and_values_under_autocast_with_a_watched_query_map():
+    """A hook on the query map keeps the inputs uncast for it; the keys and values still take them in autocast's
+    dtype (their backward multiplied fp32 gradients with bf16 rows)."""
+    attn = make("linear", k=4, sharing="headwise").train()
+    x = torch.randn(2, N, HIDDEN)
+    readable, readable_grads = outputs_and_gradients(attn, x, None, None, fast=False)
+    attn.query.register_forward_hook(lambda module, inputs, output: output)
+    x = x.clone().requires_grad_()
+    with fast_paths(True), torch.autocast("cpu", dtype=torch.bfloat16):  # the forward pass only, as in training
+        half = attn(x)
+    weights = torch.linspace(-1, 1, half.numel()).view_as(half)
+    half_grads = torch.autograd.grad((half.float() * weights).sum(), [x] + list(attn.parameters()))
+    torch.testing.assert_close(half.float(), readable, atol=3e-2, rtol=3e-2)
+    for got, expected in zip(half_grads, readable_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=3e-2 * expected.abs().max().item(), rtol=5e-2)
+
+
 @pytest.mark.parametrize("kind, padded, masked", [("linear", True, False), ("mean", False, False),
                                                   ("max", True, True)])
 def test_fast_path_runs_sdpa_with_a_mask_only_for_empty_slots(monkeypatch, kind, padded, masked):

@@ -136,8 +136,10 @@ def project_inputs_first(pairs: list[tuple[SequenceProjection, nn.Linear]], hidd
         return [split_heads(out, heads) for out in outs], applied[pairs[0][0]][2]
     if padding_mask is None and _LearnedKeysValues.takes(pairs):
         (key_projection, key_map), (value_projection, value_map) = pairs
-        outs = _LearnedKeysValues.apply(hidden_states, key_projection.weight, value_projection.weight,
-                                        key_map.weight, key_map.bias, value_map.weight, value_map.bias, heads)
+        # in autocast's dtype (the caller casts them unless the query map is watched)
+        outs = _LearnedKeysValues.apply(hidden_states.to(product_dtype(hidden_states)), key_projection.weight,
+                                        value_projection.weight, key_map.weight, key_map.bias, value_map.weight,
+                                        value_map.bias, heads)
         return list(outs), None
     t = hidden_states.shape[1]
     weight = torch.cat([projection.weight[0, :, :t] for projection in projections])  # (sum k, T)
@@ -164,7 +166,8 @@ class _LearnedKeysValues(torch.autograd.Function):
     columns, K = E' x W_k^T + E' 1 b_k^T and V = F' x W_v^T + F' 1 b_v^T, in x's dtype (the parameters are cast to
     it, as autocast casts them; E' 1 is summed from the cast E' in fp32), each as (B, heads, k, out / heads).
 
-    Both are batched products over the pair (key, value), with the backward pass written out: autograd on the
+    Not differentiable twice. Both are batched products over the pair (key, value), with the backward pass written
+    out: autograd on the
     same formula dispatched about 31 operations per layer and training step (the slices of the parameters and of
     one product over both pairs, copies and sums of the bias terms), this 22; at 4K tokens on an H200 a recorded
     step's time follows its kernel launches more than their work (BENCHMARKS.md)."""
