@@ -42,6 +42,21 @@ def test_lookup_equals_the_module_with_repeated_ids_and_padding(padding_idx):
         assert got[1][padding_idx].abs().sum() == 0
 
 
+def test_lookup_of_a_bf16_table_sums_its_gradients_in_fp32():
+    """On CUDA, index_add_ rounds after every addition in the table's dtype (CPU sums these accurately)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    weight = torch.randn(4, 8, device=device).bfloat16()
+    ids = torch.zeros(1, 4096, dtype=torch.long, device=device)  # two ids, many times: bf16 sums would stall
+    ids[0, ::2] = 1
+    upstream = torch.full((1, 4096, 8), 1e-3, dtype=torch.bfloat16, device=device)
+    with fast_paths(True):
+        _, got = _rows_and_gradient(lambda w: table_rows(w, ids), weight, ids, upstream)
+    assert got.dtype == torch.bfloat16
+    expected = torch.zeros(4, 8, device=device).index_add_(0, ids.flatten(), upstream.float().flatten(0, 1))
+    torch.testing.assert_close(got, expected.bfloat16())
+
+
 def test_lookup_calls_the_module_where_it_does_more_or_determinism_is_asked():
     embedding = nn.Embedding(5, 4)
     ids = torch.tensor([[1, 2, 2]])

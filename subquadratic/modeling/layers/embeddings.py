@@ -16,8 +16,9 @@ class _Lookup(torch.autograd.Function):
 
     `nn.Embedding`'s CUDA backward sorts the ids to sum each row's gradients in a fixed order: on an H200 at 16K
     tokens about 20 kernels and 130 us per lookup (BENCHMARKS.md), where a zeroed table and one index_add_ (atomic
-    additions, so the order of a row's sum varies from run to run) take 2. ``padding_idx``'s row gets no gradient,
-    as in `nn.Embedding`."""
+    additions, so the order of a row's sum varies from run to run) take 2. The sums run in fp32 for fp16 and bf16
+    tables too (as nn.Embedding's): one rounding per token would lose the gradient of a frequent id. ``padding_idx``'s
+    row gets no gradient, as in `nn.Embedding`. Not differentiable twice."""
 
     @staticmethod
     def forward(weight, ids, padding_idx):
@@ -33,11 +34,12 @@ class _Lookup(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (ids,), (shape, dtype) = ctx.saved_tensors, ctx.table
-        grad_weight = torch.zeros(shape, dtype=dtype, device=grad.device)
-        grad_weight.index_add_(0, ids.reshape(-1), grad.reshape(-1, shape[1]).to(dtype))
+        sums = torch.promote_types(dtype, torch.float32)
+        grad_weight = torch.zeros(shape, dtype=sums, device=grad.device)
+        grad_weight.index_add_(0, ids.reshape(-1), grad.reshape(-1, shape[1]).to(sums))
         if ctx.padding_idx is not None:
             grad_weight[ctx.padding_idx] = 0
-        return grad_weight, None, None
+        return grad_weight.to(dtype), None, None
 
 
 def lookup(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
