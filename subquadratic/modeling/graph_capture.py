@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
-_STATE = threading.local()
+_PREPARING = [0]  # how many `preparing_graph` blocks are open, in any thread
+_LOCK = threading.Lock()
 
 
 def capturing() -> bool:
@@ -23,16 +24,19 @@ def capturing() -> bool:
 
 @contextlib.contextmanager
 def preparing_graph() -> Iterator[None]:
-    """Marks the eager warm-up steps that precede a recording, and the recording (this thread): where a choice of
-    kernels depends on whether a graph will launch them (`layers.layer_norm`), the warm-up compiles and runs the
-    ones the graph records."""
-    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    """Marks the eager warm-up steps that precede a recording, and the recording: where a choice of kernels depends
+    on whether a graph will launch them (`layers.layer_norm`), the warm-up compiles and runs the ones the graph
+    records. Process-wide, not per thread: autograd runs CUDA backward passes, and with them the recomputation of
+    checkpointed layers, on threads of its own, which must choose what the forward pass chose."""
+    with _LOCK:
+        _PREPARING[0] += 1
     try:
         yield
     finally:
-        _STATE.depth -= 1
+        with _LOCK:
+            _PREPARING[0] -= 1
 
 
 def graph_step() -> bool:
     """Whether this step runs for a CUDA graph: while one records, or inside `preparing_graph`."""
-    return getattr(_STATE, "depth", 0) > 0 or capturing()
+    return _PREPARING[0] > 0 or capturing()
