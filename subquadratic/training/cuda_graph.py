@@ -135,7 +135,8 @@ class CapturedTrainingStep:
     def _run(self, add_into: list[torch.Tensor] | None = None) -> torch.Tensor:
         """One step. ``add_into``: the recorded parameters' .grad tensors, to which the step's gradients are added
         together at the end (`torch._foreach_add_`: a few kernels), instead of by autograd one parameter at a time
-        (a kernel each, some hundred per step); meanwhile .grad is None, so autograd hands over its results."""
+        (a kernel each, some hundred per step); meanwhile .grad is None, so autograd hands over its results, which
+        the graph's memory holds until the add (one more copy of the gradients)."""
         precision = (contextlib.nullcontext() if self.autocast_dtype is None
                      else torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False))
         with precision:

@@ -22,7 +22,7 @@ from ..graph_capture import graph_step
 if triton is not None:
     import triton.language as tl
 
-ROWS = 4  # rows per tile of both kernels
+ROWS = 4  # rows per tile of both kernels, for rows of up to 1024 (wider ones: fewer, see `_tile`)
 MAX_WIDTH = 8192  # widest rows the kernels take (a whole row sits in registers)
 # Outside a CUDA graph's recording, inputs of fewer elements take `nn.LayerNorm`: launching the two kernels from
 # Python cost 404 us of CPU time per forward and backward pass against nn.LayerNorm's 162 (H200, Triton 3.6), more
@@ -52,7 +52,8 @@ def fast_layer_norm_runs(x: torch.Tensor, norm: nn.LayerNorm) -> bool:
 
 
 class LayerNorm(nn.LayerNorm):
-    """`nn.LayerNorm` through the Triton kernels where `fast_layer_norm_runs` says so."""
+    """`nn.LayerNorm` through the Triton kernels where `fast_layer_norm_runs` says so. Their backward pass is not
+    differentiable twice (for a gradient penalty, run the readable path: `flex.fast_paths(False)`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not fast_layer_norm_runs(x, self):
@@ -61,11 +62,19 @@ class LayerNorm(nn.LayerNorm):
         return _LayerNormFunction.apply(x, self.weight, self.bias, self.eps, out_dtype)
 
 
-def _programs(rows: int, x: torch.Tensor) -> tuple[int, int]:
-    """(programs, rows per program, a multiple of ROWS) for the backward pass: a few programs per multiprocessor."""
+def _tile(width: int) -> tuple[int, int, int]:
+    """(BLOCK_N, rows per tile, warps) for rows of ``width``: about 4096 elements per tile (the backward pass keeps
+    two tiles of sums in registers)."""
+    block = triton.next_power_of_2(width)
+    return block, max(1, min(ROWS, 4096 // block)), 4 if block <= 1024 else 8
+
+
+def _programs(rows: int, x: torch.Tensor, tile_rows: int) -> tuple[int, int]:
+    """(programs, rows per program, a multiple of ``tile_rows``) for the backward pass: a few programs per
+    multiprocessor."""
     slots = 4 * (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2)
     per_program = -(-rows // slots)
-    per_program = -(-per_program // ROWS) * ROWS
+    per_program = -(-per_program // tile_rows) * tile_rows
     return -(-rows // per_program), per_program
 
 
@@ -78,10 +87,10 @@ class _LayerNormFunction(torch.autograd.Function):
         out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
         mean = torch.empty(m, dtype=torch.float32, device=x.device)
         rstd = torch.empty_like(mean)
-        block = triton.next_power_of_2(width)
+        block, tile_rows, warps = _tile(width)
         with launch_device(x):
-            _forward_kernel[(triton.cdiv(m, ROWS),)](rows, weight, bias, out, mean, rstd, m, width, eps,
-                                                    ROWS=ROWS, BLOCK_N=block, num_warps=4 if block <= 1024 else 8)
+            _forward_kernel[(triton.cdiv(m, tile_rows),)](rows, weight, bias, out, mean, rstd, m, width, eps,
+                                                         ROWS=tile_rows, BLOCK_N=block, num_warps=warps)
         ctx.save_for_backward(rows, weight, mean, rstd)
         ctx.shape, ctx.x_dtype = x.shape, x.dtype
         return out.view(x.shape)
@@ -93,12 +102,12 @@ class _LayerNormFunction(torch.autograd.Function):
         m, width = rows.shape
         grad = grad.reshape(m, width).contiguous()
         grad_x = torch.empty(rows.shape, dtype=ctx.x_dtype, device=rows.device)
-        programs, per_program = _programs(m, rows)
+        block, tile_rows, warps = _tile(width)
+        programs, per_program = _programs(m, rows, tile_rows)
         partial = torch.empty(2, programs, width, dtype=torch.float32, device=rows.device)
-        block = triton.next_power_of_2(width)
         with launch_device(rows):
             _backward_kernel[(programs,)](rows, weight, grad, grad_x, mean, rstd, partial, m, width, per_program,
-                                          programs, ROWS=ROWS, BLOCK_N=block, num_warps=4 if block <= 1024 else 8)
+                                          programs, ROWS=tile_rows, BLOCK_N=block, num_warps=warps)
         sums = partial.sum(dim=1).to(weight.dtype)  # (2, width): weight and bias gradients
         return grad_x.view(ctx.shape), sums[0], sums[1], None, None
 
