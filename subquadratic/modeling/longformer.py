@@ -14,7 +14,6 @@ from transformers import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from ..configuration.longformer import LongformerStyleConfig
-from .attention.projections import anything_watching
 from .attention.sliding_window import GlobalTokens, SlidingWindowSelfAttention
 from .base import SubquadraticPreTrainedModel, padding_mask_or_none, resolve_call
 from .cache import LayerStateCache, cache_field, incoming_cache
@@ -25,7 +24,7 @@ from .heads import (
     SequenceClassificationHead,
     TokenClassificationHead,
 )
-from .layers.embeddings import lookup
+from .layers.embeddings import lookup, plain_embedding
 from .layers.layer_norm import LayerNorm
 from .layers.transformer_layer import TransformerEncoderLayer
 
@@ -60,7 +59,7 @@ class LongformerStyleEmbeddings(nn.Module):
         """(B, T) ids or (B, T, hidden) embeddings, (B, T) positions and token types -> (B, T, hidden)"""
         if inputs_embeds is None:
             inputs_embeds = lookup(self.word_embeddings, input_ids)
-        if token_type_ids is not None or anything_watching(self.token_type_embeddings, nn.Embedding):
+        if token_type_ids is not None or not plain_embedding(self.token_type_embeddings):
             types = self.token_type_embeddings(torch.zeros_like(position_ids) if token_type_ids is None
                                                else token_type_ids)
         else:  # every token has type 0: its row, added to all (a lookup's backward would sort T equal ids)

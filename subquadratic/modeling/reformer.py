@@ -61,9 +61,7 @@ class ReformerLMEmbeddings(nn.Module):
     def forward(self, input_ids, inputs_embeds, position_ids):
         if inputs_embeds is None:
             inputs_embeds = lookup(self.word_embeddings, input_ids)
-        positions = self.position_embeddings
-        positions = lookup(positions, position_ids) if isinstance(positions, nn.Embedding) else positions(position_ids)
-        return self.dropout(inputs_embeds + positions)
+        return self.dropout(inputs_embeds + lookup(self.position_embeddings, position_ids))
 
 
 class ReformerLMPreTrainedModel(SubquadraticPreTrainedModel):

@@ -42,12 +42,18 @@ class _Lookup(torch.autograd.Function):
         return grad_weight.to(dtype), None, None
 
 
-def lookup(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-    """``embedding(ids)``; on the fast path (`flex.use_fast_path`: CUDA by default) with the short backward of
-    `_Lookup`, where that is all the module does (a plain `nn.Embedding`: no hooks, max_norm, frequency scaling or
-    sparse gradients) and deterministic algorithms are not requested (`torch.use_deterministic_algorithms`)."""
-    if (anything_watching(embedding, nn.Embedding) or embedding.max_norm is not None
-            or embedding.scale_grad_by_freq or embedding.sparse):
+def plain_embedding(module: nn.Module) -> bool:
+    """Whether calling ``module`` does no more than read rows of its weight: a plain `nn.Embedding` without hooks
+    or wrappers (`anything_watching`), max_norm, frequency scaling or sparse gradients."""
+    return not (anything_watching(module, nn.Embedding) or module.max_norm is not None
+                or module.scale_grad_by_freq or module.sparse)
+
+
+def lookup(embedding: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``embedding(ids)``; for a `plain_embedding`, on the fast path (`flex.use_fast_path`: CUDA by default) with
+    the short backward of `_Lookup`, unless deterministic algorithms are requested
+    (`torch.use_deterministic_algorithms`). Any other module (position embeddings of another kind) is called."""
+    if not plain_embedding(embedding):
         return embedding(ids)
     return table_rows(embedding.weight, ids, embedding.padding_idx)
 
